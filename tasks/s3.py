@@ -1,0 +1,68 @@
+"""The S3 client every pipeline step uses, configured only from the environment.
+
+boto3 reads the endpoint natively from ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``) and the
+credentials from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (or any other boto3 source: a
+profile, an instance role), so the same code talks to the local SeaweedFS, MinIO or AWS S3.
+``CNS_BUCKET`` names the bucket (default ``cns``). See docs/stack.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cns.errors import CNSError
+
+DEFAULT_BUCKET = "cns"
+ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+class S3Error(CNSError):
+    code = "s3_error"
+
+
+def bucket_name() -> str:
+    return os.environ.get("CNS_BUCKET") or DEFAULT_BUCKET
+
+
+def endpoint_url() -> str | None:
+    """The custom S3 endpoint from the environment, or None for AWS S3 itself."""
+    return next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
+
+
+def client():
+    """A boto3 S3 client from the environment; path-style addressing for custom endpoints.
+
+    Path style because SeaweedFS and MinIO serve buckets under the path by default and an IP
+    endpoint cannot carry a bucket sub-domain; AWS S3 (no endpoint set) keeps boto3's default.
+    """
+    import boto3
+    from botocore.config import Config
+
+    endpoint = endpoint_url()
+    config = Config(s3={"addressing_style": "path"} if endpoint else {},
+                    retries={"max_attempts": 3, "mode": "standard"},
+                    connect_timeout=5, read_timeout=60, max_pool_connections=32)
+    session = boto3.session.Session()
+    if session.get_credentials() is None:
+        raise S3Error("environment", "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                      "(for the local stack: eval \"$(cns stack env)\")", "credentials_missing")
+    return session.client("s3", endpoint_url=endpoint, config=config)
+
+
+def describe_error(exc: Exception, what: str) -> S3Error:
+    """Turn a botocore error into a one-line S3Error naming the object or bucket."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = err.get("Code", "unknown")
+        if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403"):
+            return S3Error(what, f"access refused by the S3 server ({code}): check AWS_ACCESS_KEY_ID and "
+                                 "AWS_SECRET_ACCESS_KEY", "access_denied")
+        if code in ("NoSuchBucket",):
+            return S3Error(what, f"bucket does not exist (set CNS_BUCKET or run `cns stack up`)", "no_such_bucket")
+        return S3Error(what, f"S3 request failed ({code}: {err.get('Message', '')})")
+    if isinstance(exc, EndpointConnectionError):
+        return S3Error(what, f"cannot reach the S3 endpoint {endpoint_url() or 'AWS'} (is `cns stack up` running?)",
+                       "endpoint_unreachable")
+    return S3Error(what, f"S3 request failed ({exc})")

@@ -1,0 +1,421 @@
+"""The local stack: SeaweedFS (S3), an MLflow tracking server and a Prefect server, as real
+processes bound to 127.0.0.1 with their data under one directory (default ``.stack/``).
+
+Each service runs in its own session (process group) and leaves a pid record
+``<dir>/run/<name>.json`` holding its pid, its kernel start time and its ports. A record only
+counts while a process with that pid *and* that start time exists, so a record left by a crash
+(or a pid reused by another program) reads as stopped and is replaced; ``down`` signals only
+process groups whose leader it can prove it started. Layout and ports: docs/stack.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cns.errors import CNSError
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+DEFAULT_DIR = ".stack"
+DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "prefect": 4200}
+# SeaweedFS opens a gRPC port at each HTTP port + 10000; its internal servers use s3 port + 1..4.
+GRPC_OFFSET = 10000
+WEED_INTERNAL = ("master", "volume", "filer", "admin")
+SERVICES = ("s3", "mlflow", "prefect")
+
+
+class StackError(CNSError):
+    code = "stack_error"
+
+
+@dataclass
+class StackConfig:
+    root: Path = Path(DEFAULT_DIR)
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    bucket: str = "cns"
+
+    @classmethod
+    def resolve(cls, root: str | Path | None = None, ports: dict[str, int | None] | None = None,
+                bucket: str | None = None) -> "StackConfig":
+        """Flags, then ``CNS_STACK_DIR``/``CNS_<SERVICE>_PORT``/``CNS_BUCKET``, then what the last
+        ``up`` recorded in ``<dir>/stack.json``, then the defaults."""
+        root = Path(root or os.environ.get("CNS_STACK_DIR") or DEFAULT_DIR)
+        recorded = {}
+        if (root / "stack.json").is_file():
+            recorded = json.loads((root / "stack.json").read_text())
+        merged = {}
+        for name in SERVICES:
+            value = (ports or {}).get(name) or os.environ.get(f"CNS_{name.upper()}_PORT") \
+                or recorded.get("ports", {}).get(name) or DEFAULT_PORTS[name]
+            try:
+                merged[name] = int(value)
+            except ValueError:
+                raise StackError(f"CNS_{name.upper()}_PORT", f"{value!r} is not a port number", "port_invalid") from None
+            if not 1024 <= merged[name] <= 65535 - (GRPC_OFFSET + len(WEED_INTERNAL) if name == "s3" else 0):
+                raise StackError(f"CNS_{name.upper()}_PORT", f"{merged[name]} is out of range", "port_invalid")
+        bucket = bucket or os.environ.get("CNS_BUCKET") or recorded.get("bucket") or "cns"
+        return cls(root=root, ports=merged, bucket=bucket)
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://{HOST}:{self.ports['s3']}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{HOST}:{self.ports['mlflow']}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{HOST}:{self.ports['prefect']}/api"
+
+    def service_ports(self, name: str) -> list[int]:
+        """Every port a service binds (for the port-in-use check before starting it)."""
+        if name != "s3":
+            return [self.ports[name]]
+        http = [self.ports["s3"] + i for i in range(len(WEED_INTERNAL) + 1)]
+        return http + [p + GRPC_OFFSET for p in http]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret_key: str
+    generated: bool  # True: made by `up` and stored in <dir>/credentials.json (0600)
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    url: str
+    state: str  # running (healthy), unhealthy (process up, health check fails), stopped
+    pid: int | None = None
+    rss_mb: float | None = None
+
+
+# ---- credentials -------------------------------------------------------------------------------
+
+def credentials(root: Path, create: bool = False) -> Credentials | None:
+    """``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` from the environment, else the local pair in
+    ``<root>/credentials.json``, generated once (mode 0600) when ``create`` is set."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    path = root / "credentials.json"
+    stored = json.loads(path.read_text()) if path.is_file() else None
+    if key and secret:
+        generated = stored is not None and (key, secret) == (stored["access_key"], stored["secret_key"])
+        return Credentials(key, secret, generated=generated)
+    if stored:
+        return Credentials(stored["access_key"], stored["secret_key"], generated=True)
+    if not create:
+        return None
+    root.mkdir(parents=True, exist_ok=True)
+    data = {"access_key": "cns" + secrets.token_hex(8), "secret_key": secrets.token_urlsafe(30)}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    return Credentials(data["access_key"], data["secret_key"], generated=True)
+
+
+def client_env(config: StackConfig, creds: Credentials | None, with_secret: bool) -> dict[str, str]:
+    """The variables a user exports to use this stack (the secret only when asked for)."""
+    env = {"AWS_ENDPOINT_URL_S3": config.s3_url, "MLFLOW_S3_ENDPOINT_URL": config.s3_url,
+           "AWS_DEFAULT_REGION": "us-east-1", "CNS_BUCKET": config.bucket,
+           "MLFLOW_TRACKING_URI": config.mlflow_url, "PREFECT_API_URL": config.prefect_api_url}
+    if creds is not None and with_secret:
+        env["AWS_ACCESS_KEY_ID"] = creds.access_key
+        env["AWS_SECRET_ACCESS_KEY"] = creds.secret_key
+    return env
+
+
+# ---- the three services ------------------------------------------------------------------------
+
+def _executable(name: str) -> str:
+    """The venv's copy first (the one pip installed with this package), then PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise StackError(name, "executable not found: install the pipeline extras (pip install -e '.[pipeline]')",
+                         "executable_missing")
+    return found
+
+
+def _service_command(name: str, config: StackConfig, creds: Credentials) -> tuple[list[str], dict[str, str]]:
+    root = config.root.resolve()
+    env = dict(os.environ)
+    env.update(AWS_ACCESS_KEY_ID=creds.access_key, AWS_SECRET_ACCESS_KEY=creds.secret_key)
+    if name == "s3":
+        port = config.ports["s3"]
+        master, volume, filer, admin = (port + 1 + i for i in range(len(WEED_INTERNAL)))
+        # With AWS_* in its environment `weed mini` creates that identity and refuses anonymous requests.
+        argv = [_executable("weed"), "mini", f"-dir={root / 'seaweedfs'}", f"-ip={HOST}", f"-ip.bind={HOST}",
+                f"-s3.port={port}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+                f"-admin.port={admin}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
+                "-s3.port.lance=0", "-master.telemetry=false"]
+        return argv, env
+    if name == "mlflow":
+        env.update(MLFLOW_S3_ENDPOINT_URL=config.s3_url, AWS_ENDPOINT_URL_S3=config.s3_url,
+                   AWS_DEFAULT_REGION=env.get("AWS_DEFAULT_REGION", "us-east-1"),
+                   # the job runner forks extra workers (~3 GB); the pipeline does not use it
+                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        argv = [_executable("mlflow"), "server", "--host", HOST, "--port", str(config.ports["mlflow"]),
+                "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+                "--artifacts-destination", f"s3://{config.bucket}/mlflow"]
+        return argv, env
+    if name == "prefect":
+        env.update(PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}")
+        env.pop("PREFECT_API_URL", None)
+        argv = [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(config.ports["prefect"]),
+                "--analytics-off"]
+        return argv, env
+    raise ValueError(name)
+
+
+def _health_url(name: str, config: StackConfig) -> str:
+    return {"s3": f"{config.s3_url}/healthz", "mlflow": f"{config.mlflow_url}/health",
+            "prefect": f"{config.prefect_api_url}/health"}[name]
+
+
+def _user_url(name: str, config: StackConfig) -> str:
+    return {"s3": config.s3_url, "mlflow": config.mlflow_url, "prefect": config.prefect_api_url}[name]
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+# ---- pid records -------------------------------------------------------------------------------
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else int(fields[19])  # a zombie has exited already
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] not in "ZX":
+                members.append(int(entry.name))
+    return members
+
+
+def _rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def _record_path(config: StackConfig, name: str) -> Path:
+    return config.root / "run" / f"{name}.json"
+
+
+def _read_record(config: StackConfig, name: str) -> dict | None:
+    """The pid record if its process group is still the one we started, else None (stale: removed)."""
+    path = _record_path(config, name)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        pid, ticks = int(record["pid"]), int(record["start_ticks"])
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable pid record, ignoring it", path)
+        path.unlink()
+        return None
+    if _start_ticks(pid) == ticks:
+        return record
+    # The leader is gone. Its group may live on (a server's worker): Linux does not reuse a pid
+    # while it names a process group, so members with pgid == pid are still ours.
+    if _start_ticks(pid) is None and _group_members(pid):
+        return record
+    log.info("%s: stale pid record (process %d is not running), removing it", path, pid)
+    path.unlink()
+    return None
+
+
+def _write_record(config: StackConfig, name: str, proc: subprocess.Popen, argv: list[str]) -> None:
+    path = _record_path(config, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"pid": proc.pid, "start_ticks": _start_ticks(proc.pid), "argv": argv,
+              "ports": config.service_ports(name), "url": _user_url(name, config)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+# ---- up / down / status ------------------------------------------------------------------------
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT after `down` is fine
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def status(config: StackConfig) -> list[ServiceStatus]:
+    """Each service's state from its pid record and its health endpoint (nothing is started)."""
+    result = []
+    for name in SERVICES:
+        record = _read_record(config, name)
+        url = record["url"] if record else _user_url(name, config)
+        if record is None:
+            result.append(ServiceStatus(name, url, "stopped"))
+            continue
+        ok = healthy(_health_url(name, config))
+        result.append(ServiceStatus(name, url, "running" if ok else "unhealthy", record["pid"],
+                                    round(_rss_mb(_group_members(record["pid"])), 1)))
+    return result
+
+
+def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus], Credentials]:
+    """Start whatever is not running, wait for every health check, create the bucket.
+
+    Idempotent: a running service is left alone. A port another program holds is an error that
+    names the port before anything starts.
+    """
+    config.root.mkdir(parents=True, exist_ok=True)
+    (config.root / "logs").mkdir(exist_ok=True)
+    for sub in ("mlflow", "prefect", "seaweedfs"):
+        (config.root / sub).mkdir(exist_ok=True)
+    creds = credentials(config.root, create=True)
+    to_start = [name for name in SERVICES if _read_record(config, name) is None]
+    for name in to_start:
+        for port in config.service_ports(name):
+            if not _port_free(port):
+                raise StackError(f"{HOST}:{port}", f"port is already in use by another program; {name} needs it "
+                                 f"(pick another with --{name}-port or CNS_{name.upper()}_PORT)", "port_in_use")
+    (config.root / "stack.json").write_text(json.dumps({"ports": config.ports, "bucket": config.bucket}, indent=1))
+    procs = {}
+    for name in to_start:
+        argv, env = _service_command(name, config, creds)
+        log_path = config.root / "logs" / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            procs[name] = subprocess.Popen(argv, env=env, cwd=config.root, stdin=subprocess.DEVNULL,
+                                           stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        _write_record(config, name, procs[name], argv)
+        log.info("started %s (pid %d), log %s", name, procs[name].pid, log_path)
+    deadline = time.monotonic() + timeout
+    pending = list(SERVICES)
+    while pending:
+        for name in list(pending):
+            proc = procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                log_path = config.root / "logs" / f"{name}.log"
+                raise StackError(log_path, f"{name} exited with code {proc.returncode} while starting: "
+                                 f"{_log_tail(log_path)}", "service_failed")
+            if healthy(_health_url(name, config), timeout=1.0):
+                pending.remove(name)
+        if pending and time.monotonic() > deadline:
+            raise StackError(config.root / "logs" / f"{pending[0]}.log",
+                             f"{', '.join(pending)} not healthy after {timeout:.0f} s", "service_timeout")
+        if pending:
+            time.sleep(0.2)
+    ensure_bucket(config, creds)
+    return status(config), creds
+
+
+def ensure_bucket(config: StackConfig, creds: Credentials) -> None:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    s3 = boto3.client("s3", endpoint_url=config.s3_url, aws_access_key_id=creds.access_key,
+                      aws_secret_access_key=creds.secret_key, region_name="us-east-1")
+    for attempt in range(50):  # the filer may answer /healthz a moment before it accepts writes
+        try:
+            s3.head_bucket(Bucket=config.bucket)
+            return
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("404", "NoSuchBucket"):
+                try:
+                    s3.create_bucket(Bucket=config.bucket)
+                    return
+                except ClientError as create_exc:
+                    if create_exc.response.get("Error", {}).get("Code") in ("BucketAlreadyOwnedByYou",):
+                        return
+                    err = create_exc
+            elif code in ("403", "SignatureDoesNotMatch", "InvalidAccessKeyId"):
+                raise StackError(f"s3://{config.bucket}", "the running S3 server refuses these credentials: "
+                                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY differ from the ones it was started with",
+                                 "access_denied") from None
+            else:
+                err = exc
+        time.sleep(0.1)
+    raise StackError(f"s3://{config.bucket}", f"cannot create the bucket ({err})", "bucket_failed")
+
+
+def down(config: StackConfig, timeout: float = 15.0) -> list[str]:
+    """Stop the process groups this stack started (SIGTERM, then SIGKILL after ``timeout``)."""
+    stopped = []
+    for name in reversed(SERVICES):
+        record = _read_record(config, name)
+        if record is None:
+            continue
+        pgid = record["pid"]
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _group_members(pgid):
+            log.warning("%s did not stop within %.0f s, killing it", name, timeout)
+            _signal_group(pgid, signal.SIGKILL)
+        _record_path(config, name).unlink(missing_ok=True)
+        stopped.append(name)
+    return stopped
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    try:  # reap our own child if we are the process that started it (tests, `up` then `down`)
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def to_dict(items: list[ServiceStatus]) -> list[dict]:
+    return [asdict(s) for s in items]

@@ -1,0 +1,158 @@
+"""``cns stack up|down|status|env``, ``cns drop DIR`` and ``cns datasets``: the commands that talk
+to the local stack and the drop bucket. Added to the ``cns`` parser by ``flows.cli``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    stack = sub.add_parser("stack", help="start, stop or check the local S3 + MLflow + Prefect servers")
+    stack_sub = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
+    for name, func, text in (("up", _up, "start what is not running and wait until all are healthy"),
+                             ("down", _down, "stop the servers this stack started"),
+                             ("status", _status, "health of each server (exit 1 unless all are running)"),
+                             ("env", _env, "print the export lines for this stack (eval \"$(cns stack env)\")")):
+        p = stack_sub.add_parser(name, help=text, description=text)
+        p.add_argument("--dir", help="stack directory (default: $CNS_STACK_DIR or .stack)")
+        if name == "up":
+            for service in ("s3", "mlflow", "prefect"):
+                p.add_argument(f"--{service}-port", type=int, help=f"port (default: $CNS_{service.upper()}_PORT, "
+                               "the last one used, or the standard one)")
+            p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for health (default 60)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+
+    drop = sub.add_parser("drop", help="upload a concept directory to the bucket (images first, concept.yaml last)")
+    drop.add_argument("directory", help="local concept directory (images + concept.yaml)")
+    drop.add_argument("--config", default="params.yaml", help="limits come from this config (default params.yaml)")
+    drop.set_defaults(func=_drop)
+
+    datasets = sub.add_parser("datasets", help="list the bucket's datasets with hash and state")
+    datasets.add_argument("--state", choices=("pending", "learned", "rejected", "incomplete"),
+                          help="only datasets in this state")
+    datasets.add_argument("--config", default="params.yaml", help="limits and model_dir (default params.yaml)")
+    datasets.add_argument("--json", action="store_true", help="machine-readable output")
+    datasets.set_defaults(func=_datasets)
+
+
+# ---- stack -------------------------------------------------------------------------------------
+
+def _config(args):
+    from tasks import stack
+
+    ports = {s: getattr(args, f"{s}_port", None) for s in stack.SERVICES}
+    return stack.StackConfig.resolve(root=args.dir, ports=ports)
+
+
+def _print_status(items) -> None:
+    for s in items:
+        extra = f"pid {s.pid}, {s.rss_mb:.0f} MB" if s.pid else ""
+        print(f"{s.name:8} {s.state:10} {s.url:32} {extra}")
+
+
+def _print_env(config, creds) -> None:
+    from tasks import stack
+
+    env = stack.client_env(config, creds, with_secret=bool(creds and creds.generated))
+    for key, value in env.items():
+        print(f"export {key}={shlex.quote(value)}")
+    if creds and not creds.generated:
+        print("# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: the ones already in your environment")
+
+
+def _up(args) -> int:
+    from tasks import stack
+
+    config = _config(args)
+    start = time.monotonic()
+    items, creds = stack.up(config, timeout=args.timeout)
+    print(f"stack up in {time.monotonic() - start:.1f} s (data in {config.root})")
+    _print_status(items)
+    print(f"\n# use it from this shell: eval \"$(cns stack env{' --dir ' + shlex.quote(args.dir) if args.dir else ''})\"")
+    _print_env(config, creds)
+    return 0
+
+
+def _down(args) -> int:
+    from tasks import stack
+
+    stopped = stack.down(_config(args))
+    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def _status(args) -> int:
+    from tasks import stack
+
+    items = stack.status(_config(args))
+    if args.json:
+        print(json.dumps(stack.to_dict(items), indent=1))
+    else:
+        _print_status(items)
+    return 0 if all(s.state == "running" for s in items) else 1
+
+
+def _env(args) -> int:
+    from tasks import stack
+
+    config = _config(args)
+    _print_env(config, stack.credentials(config.root))
+    return 0
+
+
+# ---- bucket ------------------------------------------------------------------------------------
+
+def hash_cache_path() -> Path:
+    """Per endpoint and bucket, under the stack directory (it is a cache: safe to delete)."""
+    import os
+
+    from tasks import s3, stack
+
+    ident = hashlib.sha256(f"{s3.endpoint_url() or 'aws'}|{s3.bucket_name()}".encode()).hexdigest()[:12]
+    return Path(os.environ.get("CNS_STACK_DIR") or stack.DEFAULT_DIR) / "cache" / f"bucket-{ident}.json"
+
+
+def _drop(args) -> int:
+    from cns.config import load_config
+    from tasks import bucket, s3
+
+    config = load_config(args.config)
+    name, digest = bucket.drop(s3.client(), s3.bucket_name(), args.directory, limits=config.limits)
+    print(f"dropped s3://{s3.bucket_name()}/incoming/{name}/ (dataset hash {digest})")
+    return 0
+
+
+def _datasets(args) -> int:
+    from cns.config import load_config
+    from cns.lineage import read_lineage
+    from tasks import bucket, s3
+
+    config = load_config(args.config)
+    client, name = s3.client(), s3.bucket_name()
+    found = bucket.scan(client, name, limits=config.limits, lineage=read_lineage(config.model_dir),
+                        cache=bucket.HashCache(hash_cache_path()))
+    found = [d for d in found if args.state in (None, d.state)]
+    rows = []
+    for d in found:
+        reason = bucket.read_error(client, name, d) if d.state == "rejected" else None
+        rows.append({"concept": d.concept, "state": d.state, "hash": d.hash, "hash_kind": d.hash_kind,
+                     "objects": len(d.objects), "error": reason and {"code": reason["code"],
+                                                                     "message": reason["message"]}})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no datasets{' in state ' + args.state if args.state else ''} in s3://{name}/incoming/",
+              file=sys.stderr)
+    for r in rows:
+        line = f"{r['state']:10} {r['concept']:24} {(r['hash'] or '-')[:16]}"
+        print(line + (f"  {r['error']['code']}: {r['error']['message']}" if r["error"] else ""))
+    return 0
