@@ -28,7 +28,7 @@ from urllib.parse import quote
 from cns.concept import IMAGE_SUFFIXES, MANIFEST, Concept, ConceptError, dataset_hash, load_concept, parse_manifest
 from cns.config import LimitsConfig
 from cns.lineage import Lineage, check_against_lineage
-from tasks.s3 import describe_error
+from tasks.s3 import client_errors, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def list_objects(s3, bucket: str, prefix: str):
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
                 yield S3Object(item["Key"], item["ETag"].strip('"'), int(item["Size"]))
-    except Exception as exc:  # botocore raises several unrelated types; describe_error sorts them
+    except client_errors() as exc:
         raise describe_error(exc, _uri(bucket, prefix)) from None
 
 
@@ -231,12 +231,10 @@ def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
 def _read_object(s3, bucket: str, obj: S3Object, sink) -> str:
     """Stream one object into ``sink`` (None: hash only); returns its sha256. The ETag must still
     be the listed one (If-Match), so a dataset changed since the listing is noticed."""
-    from botocore.exceptions import ClientError
-
     try:
         resp = s3.get_object(Bucket=bucket, Key=obj.key, IfMatch=f'"{obj.etag}"')
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code")
+    except client_errors() as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
         if code in ("PreconditionFailed", "412", "NoSuchKey", "404"):
             raise ConceptError(_uri(bucket, obj.key), "changed or removed while the dataset was being read "
                                f"({code}); it will be read again once the upload settles",
@@ -312,7 +310,7 @@ def reject(s3, bucket: str, dataset: Dataset, error: ConceptError) -> str:
     try:
         s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(record, indent=2).encode(),
                       ContentType="application/json")
-    except Exception as exc:
+    except client_errors() as exc:
         raise describe_error(exc, _uri(bucket, key)) from None
     log.warning("rejected %s: %s", _uri(bucket, f"{INCOMING}{dataset.concept}/"), error)
     return key
@@ -337,7 +335,7 @@ def read_error(s3, bucket: str, dataset: Dataset) -> dict:
     key = error_key(dataset.concept, dataset.hash)
     try:
         return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    except Exception as exc:
+    except client_errors() as exc:
         raise describe_error(exc, _uri(bucket, key)) from None
 
 
@@ -372,6 +370,6 @@ def drop(s3, bucket: str, directory: str | Path, *, limits: LimitsConfig | None 
         for key in sorted(old - {prefix + p.name for p in files} - {prefix + MANIFEST}):
             s3.delete_object(Bucket=bucket, Key=key)
         s3.upload_file(str(manifest), bucket, prefix + MANIFEST)
-    except Exception as exc:  # ClientError, S3UploadFailedError, connection errors: one line each
+    except client_errors() as exc:
         raise describe_error(exc, _uri(bucket, prefix)) from None
     return name, hash_concept_dir(directory)

@@ -49,6 +49,14 @@ def client():
     return session.client("s3", endpoint_url=endpoint, config=config)
 
 
+def client_errors() -> tuple[type[Exception], ...]:
+    """The exceptions an S3 call raises for a server or network problem (not a bug of ours)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return ClientError, BotoCoreError, Boto3Error
+
+
 def describe_error(exc: Exception, what: str) -> S3Error:
     """Turn a botocore error into a one-line S3Error naming the object or bucket."""
     from botocore.exceptions import ClientError, EndpointConnectionError
@@ -62,6 +70,8 @@ def describe_error(exc: Exception, what: str) -> S3Error:
         if code in ("NoSuchBucket",):
             return S3Error(what, f"bucket does not exist (set CNS_BUCKET or run `cns stack up`)", "no_such_bucket")
         return S3Error(what, f"S3 request failed ({code}: {err.get('Message', '')})")
+    if isinstance(exc.__cause__, ClientError):
+        return describe_error(exc.__cause__, what)  # boto3's S3UploadFailedError wraps the real one
     if isinstance(exc, EndpointConnectionError):
         return S3Error(what, f"cannot reach the S3 endpoint {endpoint_url() or 'AWS'} (is `cns stack up` running?)",
                        "endpoint_unreachable")
