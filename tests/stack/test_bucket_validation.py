@@ -1,0 +1,173 @@
+"""Validation before training: each kind of bad dataset gets its error code in
+rejected/<concept>/<hash>/error.json, and nothing else changes (incoming objects, lineage)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cns.config import LimitsConfig
+from cns.lineage import LINEAGE, ConceptRecord, Lineage, read_lineage, write_lineage
+from tasks import bucket
+
+from stack_helpers import make_concept, write_png
+
+pytestmark = pytest.mark.stack
+# Small limits so the too-many / too-large cases need only a few small files.
+LIMITS = LimitsConfig(min_images=2, max_images=4, max_image_pixels=100 * 100, max_object_bytes=200_000)
+TAKEN_NAME, TAKEN_TOKEN = "taken-concept", "<taken1>"
+
+
+def upload_raw(s3, bucket_name, directory, concept, extra: dict[str, bytes] | None = None):
+    """Upload as any S3 tool would (no checks): files, extra keys, then the manifest if present."""
+    prefix = f"incoming/{concept}/"
+    for path in sorted(directory.iterdir()):
+        if path.name != "concept.yaml":
+            s3.upload_file(str(path), bucket_name, prefix + path.name)
+    for name, body in (extra or {}).items():
+        s3.put_object(Bucket=bucket_name, Key=prefix + name, Body=body)
+    if (directory / "concept.yaml").exists():
+        s3.upload_file(str(directory / "concept.yaml"), bucket_name, prefix + "concept.yaml")
+
+
+def build(kind: str, tmp_path, concept: str):
+    """(local directory, extra raw keys) for one kind of bad dataset."""
+    extra = {}
+    manifest = None
+    images = 3
+    if kind == "manifest_invalid":
+        manifest = "token: [unclosed\n"
+    elif kind == "manifest_unknown_key":
+        manifest = {"token": "<ok1>", "class_noun": "dog", "colour": "red"}
+    elif kind == "token_invalid":
+        manifest = {"token": "dog1", "class_noun": "dog"}
+    elif kind == "no_images":
+        images = 0
+        extra = {"notes.txt": b"not an image"}
+    elif kind == "too_few_images":
+        images = 1
+    elif kind == "too_many_images":
+        images = LIMITS.max_images + 1
+    elif kind == "image_unreadable":
+        extra = {"99.png": b"\x89PNG\r\n\x1a\n this is not really a png"}
+    elif kind == "image_too_large":  # pixels over max_image_pixels (a small file)
+        pass
+    elif kind == "object_too_large":
+        extra = {"98.png": b"\0" * (LIMITS.max_object_bytes + 1)}
+    elif kind == "key_in_subfolder":
+        extra = {"nested/04.png": b"whatever"}
+    elif kind == "key_with_control_character":
+        extra = {"bad\x01name.png": b"whatever"}
+    elif kind == "token_taken":
+        manifest = {"token": TAKEN_TOKEN, "class_noun": "dog"}
+    elif kind == "name_taken":
+        manifest = {"name": TAKEN_NAME, "token": "<fresh1>", "class_noun": "dog"}
+    directory = make_concept(tmp_path, concept, images=images, manifest=manifest)
+    if kind == "image_too_large":
+        write_png(directory / "00.png", seed=5, size=120)
+    if kind == "name_taken":  # the folder must carry the taken name too, or the name default differs
+        directory = directory.rename(directory.parent / TAKEN_NAME)
+    return directory, extra
+
+
+CASES = {  # kind -> expected code
+    "manifest_invalid": "manifest_invalid",
+    "manifest_unknown_key": "manifest_unknown_key",
+    "token_invalid": "token_invalid",
+    "no_images": "no_images",
+    "too_few_images": "too_few_images",
+    "too_many_images": "too_many_images",
+    "image_unreadable": "image_unreadable",
+    "image_too_large": "image_too_large",
+    "object_too_large": "object_too_large",
+    "key_in_subfolder": "key_invalid",
+    "key_with_control_character": "key_invalid",
+    "token_taken": "token_taken",
+    "name_taken": "name_taken",
+}
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A model whose lineage already holds one concept (for the collision cases)."""
+    directory = tmp_path / "model"
+    write_lineage(directory, Lineage(base={"model": "tiny"}, concepts=[ConceptRecord(
+        version=1, name=TAKEN_NAME, token=TAKEN_TOKEN, class_noun="dog", dataset_hash="0" * 64,
+        mask="taken/mask.safetensors", delta="taken/delta.safetensors")]))
+    return directory
+
+
+def snapshot(s3, bucket_name):
+    return {o.key: (o.etag, o.size) for o in bucket.list_objects(s3, bucket_name, "")}
+
+
+def reject_and_check(s3, bucket_name, dataset, model_dir, expected_code):
+    """Validate; assert exactly one new object (the error record) and an untouched lineage."""
+    lineage_before = (model_dir / LINEAGE).read_bytes()
+    before = snapshot(s3, bucket_name)
+    concept, key = bucket.validate_or_reject(s3, bucket_name, dataset, limits=LIMITS,
+                                             lineage=read_lineage(model_dir))
+    assert concept is None
+    after = snapshot(s3, bucket_name)
+    assert set(after) - set(before) == {key}
+    assert {k: v for k, v in after.items() if k != key} == before
+    assert (model_dir / LINEAGE).read_bytes() == lineage_before
+    assert key == f"rejected/{dataset.concept}/{dataset.hash}/error.json"
+    record = json.loads(s3.get_object(Bucket=bucket_name, Key=key)["Body"].read())
+    assert record["code"] == expected_code
+    assert record["object"].startswith(f"s3://{bucket_name}/incoming/{dataset.concept}")
+    assert record["message"].startswith(record["object"] + ": ")
+    return record
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_bad_dataset_gets_its_error_code_and_changes_nothing(running_stack, tmp_path, concept_name, model_dir,
+                                                             kind):
+    s3, name = running_stack.client(), running_stack.bucket
+    directory, extra = build(kind, tmp_path, concept_name)
+    concept = directory.name if kind == "name_taken" else concept_name
+    if kind == "name_taken":  # other tests may not reuse the folder: clear what an earlier run left
+        for key in snapshot(s3, name):
+            if key.startswith(f"incoming/{TAKEN_NAME}/") or key.startswith(f"rejected/{TAKEN_NAME}/"):
+                s3.delete_object(Bucket=name, Key=key)
+    upload_raw(s3, name, directory, concept, extra)
+    (dataset,) = bucket.scan(s3, name, limits=LIMITS, lineage=read_lineage(model_dir), concept=concept)
+    assert dataset.state == "pending"
+    reject_and_check(s3, name, dataset, model_dir, CASES[kind])
+    (again,) = bucket.scan(s3, name, limits=LIMITS, lineage=read_lineage(model_dir), concept=concept)
+    assert (again.state, again.hash) == ("rejected", dataset.hash)
+
+
+def test_dataset_changed_while_being_read_is_rejected(running_stack, tmp_path, concept_name, model_dir):
+    s3, name = running_stack.client(), running_stack.bucket
+    directory = make_concept(tmp_path, concept_name)
+    upload_raw(s3, name, directory, concept_name)
+    (listed,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
+    # another upload replaces an image after the listing the validation works from
+    write_png(directory / "01.png", seed=77)
+    s3.upload_file(str(directory / "01.png"), name, f"incoming/{concept_name}/01.png")
+    record = reject_and_check(s3, name, listed, model_dir, "dataset_changed")
+    assert record["object"] == f"s3://{name}/incoming/{concept_name}/01.png"
+    (now,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
+    assert now.hash != listed.hash and now.state == "pending"  # the settled upload is read again
+
+
+def test_object_added_while_being_read_is_rejected(running_stack, tmp_path, concept_name, model_dir):
+    s3, name = running_stack.client(), running_stack.bucket
+    directory = make_concept(tmp_path, concept_name)
+    upload_raw(s3, name, directory, concept_name)
+    (listed,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
+    s3.upload_file(str(write_png(tmp_path / "late.png", seed=8)), name, f"incoming/{concept_name}/late.png")
+    record = reject_and_check(s3, name, listed, model_dir, "dataset_changed")
+    assert record["object"] == f"s3://{name}/incoming/{concept_name}/"
+
+
+def test_error_record_names_the_offending_object(running_stack, tmp_path, concept_name, model_dir):
+    s3, name = running_stack.client(), running_stack.bucket
+    directory, extra = build("image_unreadable", tmp_path, concept_name)
+    upload_raw(s3, name, directory, concept_name, extra)
+    (dataset,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
+    record = reject_and_check(s3, name, dataset, model_dir, "image_unreadable")
+    assert record["object"] == f"s3://{name}/incoming/{concept_name}/99.png"
+    assert "not a readable image" in record["message"]
