@@ -1,0 +1,156 @@
+"""A concept directory: images (jpg, png, webp) and ``concept.yaml`` (name, token, class noun,
+optional prompts). Everything is validated before any training, and every problem is a
+:class:`ConceptError` whose ``code`` is machine-readable and whose message names the file."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from cns.config import LimitsConfig
+from cns.errors import CNSError
+
+MANIFEST = "concept.yaml"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MANIFEST_KEYS = {"name", "token", "class_noun", "prompts"}
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+TOKEN_RE = re.compile(r"^<[A-Za-z0-9_-]{1,32}>$")
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP"}
+
+
+class ConceptError(CNSError):
+    code = "concept_invalid"
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    token: str
+    class_noun: str
+    image_paths: tuple[Path, ...]
+    prompts: tuple[str, ...] = field(default=())
+    directory: Path | None = None
+
+    def training_prompts(self, template: str) -> list[str]:
+        """The manifest's prompts, or the template filled with this concept's token and class."""
+        if self.prompts:
+            return list(self.prompts)
+        return [template.format(token=self.token, class_noun=self.class_noun)]
+
+    def load_images(self) -> list[Image.Image]:
+        return [_open_rgb(p) for p in self.image_paths]
+
+
+def parse_manifest(text: str, source: str | Path, default_name: str) -> dict:
+    """Parse and check ``concept.yaml`` text; returns name, token, class_noun, prompts."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConceptError(source, f"not valid YAML ({str(exc).splitlines()[0]})", "manifest_invalid") from None
+    if not isinstance(data, dict):
+        raise ConceptError(source, "must be a mapping with token and class_noun", "manifest_invalid")
+    unknown = sorted(set(data) - MANIFEST_KEYS)
+    if unknown:
+        raise ConceptError(source, f"unknown key '{unknown[0]}' (allowed: {', '.join(sorted(MANIFEST_KEYS))})",
+                           "manifest_unknown_key")
+    for key in ("token", "class_noun"):
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise ConceptError(source, f"'{key}' is missing or not a string", "manifest_invalid")
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConceptError(source, f"name {name!r} must match {NAME_RE.pattern} (lower case, digits, - and _)",
+                           "manifest_invalid")
+    token = data["token"].strip()
+    if not TOKEN_RE.match(token):
+        raise ConceptError(source, f"token {token!r} must look like <name1>: '<', 1-32 letters, digits, - or _, '>'",
+                           "token_invalid")
+    prompts = data.get("prompts") or []
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ConceptError(source, "'prompts' must be a list of strings", "manifest_invalid")
+    for prompt in prompts:
+        if token not in prompt:
+            raise ConceptError(source, f"prompt {prompt!r} does not contain the token {token}", "manifest_invalid")
+    return {"name": name, "token": token, "class_noun": data["class_noun"].strip(), "prompts": tuple(prompts)}
+
+
+def check_image(path: Path, limits: LimitsConfig) -> tuple[int, int]:
+    """Fully decode an image file; returns its size or raises a ConceptError naming it."""
+    if path.stat().st_size > limits.max_object_bytes:
+        raise ConceptError(path, f"file is {path.stat().st_size} bytes, over the limit of {limits.max_object_bytes}",
+                           "image_too_large")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.format not in IMAGE_FORMATS:
+                    raise ConceptError(path, f"is {im.format}, not JPEG, PNG or WebP", "image_unreadable")
+                width, height = im.size
+                if width * height > limits.max_image_pixels:
+                    raise ConceptError(path, f"image is {width}x{height} = {width * height} pixels, over the limit "
+                                             f"of {limits.max_image_pixels}", "image_too_large")
+                im.load()  # decodes every byte: truncated files fail here, not during training
+    except ConceptError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ConceptError(path, f"image is too large ({exc})", "image_too_large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ConceptError(path, f"not a readable image ({exc})", "image_unreadable") from None
+    if min(width, height) < 8:
+        raise ConceptError(path, f"image is {width}x{height}, too small to train on", "image_unreadable")
+    return width, height
+
+
+def load_concept(directory: str | Path, limits: LimitsConfig | None = None) -> Concept:
+    """Read and validate a concept directory (manifest and every image, fully decoded)."""
+    limits = limits or LimitsConfig()
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConceptError(directory, "is not a directory", "concept_missing")
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        raise ConceptError(manifest, "missing: a concept directory needs concept.yaml (token, class_noun)",
+                           "manifest_missing")
+    fields = parse_manifest(manifest.read_text(errors="replace"), manifest, directory.name)
+    images = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ConceptError(directory, "holds no images (jpg, png or webp)", "no_images")
+    if len(images) > limits.max_images:
+        raise ConceptError(directory, f"holds {len(images)} images, over the limit of {limits.max_images}",
+                           "too_many_images")
+    if len(images) < limits.min_images:
+        raise ConceptError(directory, f"holds {len(images)} images, fewer than the minimum of {limits.min_images}",
+                           "too_few_images")
+    for path in images:
+        check_image(path, limits)
+    return Concept(image_paths=tuple(images), directory=directory, **fields)
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def dataset_hash(file_digests: dict[str, str]) -> str:
+    """Content hash of a dataset from {file name: sha256 hex of its bytes} (manifest and images).
+
+    The same bytes under the same names give the same hash wherever they live (a local directory
+    or ``incoming/<concept>/`` in the bucket); a changed byte or a renamed file gives a new one.
+    """
+    lines = "".join(f"{name}\0{digest}\n" for name, digest in sorted(file_digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def hash_concept_dir(directory: str | Path) -> str:
+    """:func:`dataset_hash` of a local concept directory (its manifest and image files)."""
+    directory = Path(directory)
+    digests = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and (path.name == MANIFEST or path.suffix.lower() in IMAGE_SUFFIXES):
+            digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return dataset_hash(digests)

@@ -1,0 +1,225 @@
+"""One typed config for the CLI, DVC and Prefect, loaded from ``params.yaml``.
+
+Every tunable value lives here, grouped as in ``params.yaml``, with diffusers' names where
+diffusers has one. Unknown keys are errors (a typo must not silently fall back to a default).
+The CNS paper (Liao et al., ICCV 2025, arXiv 2510.02296) publishes no hyperparameters; each
+default below says why it was chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cns.errors import CNSError
+
+
+class ConfigError(CNSError):
+    code = "config_invalid"
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" builds a small SD-shaped pipeline from configs (CPU, tests, demo); anything else is a
+    # diffusers Stable Diffusion 1.x/2.x directory or hub id, loaded with from_pretrained.
+    pretrained_model_name_or_path: str = "tiny"
+    revision: str | None = None
+    # auto = cuda, then mps, then cpu.
+    device: str = "auto"
+    # "no", "fp16" or "bf16"; applied on cuda only (CPU autocast is slower than fp32 for conv nets).
+    mixed_precision: str = "bf16"
+
+
+@dataclass
+class ScoringConfig:
+    # taylor: |sum_j W_ij dL/dW_ij| of the diffusion loss (first-order Taylor importance,
+    # Molchanov et al. 2019, arXiv 1906.10771); activation: mean |K/V output| on the concept prompts.
+    scorer: str = "taylor"
+    # Fraction of each layer's K/V rows kept as base neurons. 0.06 of SD-1.5's 24,960 rows of 768
+    # weights is 1.15M weights = 0.134% of the UNet, the paper's reported ~0.13% per concept.
+    base_ratio: float = 0.06
+    # (image, timestep, noise) draws whose gradients are summed before taking |.|; more draws give a
+    # steadier ranking, each costs one forward+backward.
+    num_score_samples: int = 16
+    score_batch_size: int = 4
+
+
+@dataclass
+class CalibrationConfig:
+    # None = the shipped set (cns/assets/calibration_prompts.txt, 120 diverse captions).
+    prompts_file: str | None = None
+    # A neuron is "general" when it is in the top general_ratio of its layer for at least
+    # general_consistency of the calibration prompts: neurons that fire for everything carry
+    # generic synthesis, and tuning them would hurt zero-shot ability (paper, step b).
+    general_ratio: float = 0.10
+    general_consistency: float = 0.9
+
+
+@dataclass
+class SelectionConfig:
+    # Remove rows already owned by earlier concepts: learning a new concept then cannot move an
+    # earlier concept's rows at all (L_reg still ties shared rows if this is turned off).
+    exclude_owned: bool = True
+
+
+@dataclass
+class TrainConfig:
+    # Rows and the token embedding have separate rates: the embedding starts at the class noun and
+    # must move much further, as in Textual Inversion (Gal et al. 2022, lr 5e-3).
+    learning_rate: float = 1e-4
+    token_learning_rate: float = 5e-3
+    max_train_steps: int = 200
+    train_batch_size: int = 1
+    # None = the base model's native resolution (tiny: 64, SD-1.5: 512, SD-2: 768).
+    resolution: int | None = None
+    seed: int = 0
+    # Random horizontal flips, as in the diffusers DreamBooth/Custom Diffusion scripts.
+    random_flip: bool = True
+    # L_reg: squared distance of the trained rows to their values before this concept (protects
+    # earlier concepts that share rows) and to the pretrained values (protects zero-shot ability),
+    # the L2-SP form of Li et al. 2018 (arXiv 1802.01483), summed over the trained weights.
+    reg_previous_weight: float = 1e-2
+    reg_pretrained_weight: float = 1e-3
+    # Optional output-space term: the trained rows' K/V outputs on earlier concepts' prompts stay
+    # where they were before this concept (cheap: text embeddings only, no UNet pass).
+    reg_output_weight: float = 1e-1
+    prompt_template: str = "a photo of a {token} {class_noun}"
+    log_every: int = 10
+
+
+@dataclass
+class GenerateConfig:
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    num_images_per_prompt: int = 2
+    seed: int = 0
+
+
+@dataclass
+class LimitsConfig:
+    # DreamBooth/Custom Diffusion use 3-20 images per subject; more is usually a mistake.
+    min_images: int = 3
+    max_images: int = 20
+    # 50 MP: any camera photo fits, decompression bombs do not.
+    max_image_pixels: int = 50_000_000
+    max_object_bytes: int = 30_000_000
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # Where the cumulative model and the general-neuron cache live (relative to the workspace).
+    model_dir: str = "data/model"
+    cache_dir: str = "data/cache"
+
+    def validate(self, source: str = "config") -> None:
+        def check(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(source, f"{key} {what}")
+
+        check(self.scoring.scorer in ("taylor", "activation"), "scoring.scorer", "must be 'taylor' or 'activation'")
+        check(0 < self.scoring.base_ratio <= 1, "scoring.base_ratio", "must be in (0, 1]")
+        check(0 < self.calibration.general_ratio <= 1, "calibration.general_ratio", "must be in (0, 1]")
+        check(0 < self.calibration.general_consistency <= 1, "calibration.general_consistency", "must be in (0, 1]")
+        check(self.model.mixed_precision in ("no", "fp16", "bf16"), "model.mixed_precision", "must be no, fp16 or bf16")
+        check(self.model.device in ("auto", "cpu", "cuda", "mps") or self.model.device.startswith("cuda:"),
+              "model.device", "must be auto, cpu, cuda[:N] or mps")
+        check(self.train.max_train_steps >= 0, "train.max_train_steps", "must be >= 0")
+        check(self.train.train_batch_size >= 1, "train.train_batch_size", "must be >= 1")
+        check(self.scoring.num_score_samples >= 1, "scoring.num_score_samples", "must be >= 1")
+        check(1 <= self.limits.min_images <= self.limits.max_images, "limits.min_images", "must be between 1 and limits.max_images")
+        check("{token}" in self.train.prompt_template, "train.prompt_template", "must contain {token}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check a YAML value against a dataclass field type (int/float/str/bool, optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(source, f"{key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(source, f"{prefix.rstrip('.') or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(source, f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name, source)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    config = _build(Config, data, "", source)
+    config.validate(source)
+    return config
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(source, f"'{item}' is not key=value")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(source, f"'{key}' is not a config key")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Load ``params.yaml`` (missing file = all defaults) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "config"
+    if path is not None and Path(path).exists():
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    elif path is not None and str(path) != "params.yaml":
+        raise ConfigError(source, "file not found")
+    config = config_from_dict(data, source)
+    if overrides:  # checked on their own, so that an error names --set rather than the file
+        config = config_from_dict(apply_overrides(data, overrides), "--set")
+    return config

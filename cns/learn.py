@@ -1,0 +1,202 @@
+"""Learning one concept into the cumulative model, one function per step of the method:
+
+    prepare -> general -> score -> select -> train -> commit
+
+:func:`learn` runs them all (the ``cns learn`` command); the pipeline calls the steps as separate
+tasks on one in-memory model. Nothing touches the model directory until :func:`commit`, which
+writes the concept's files to a temporary folder, renames it into place and then replaces
+``lineage.json`` atomically: a crash at any point leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from cns.calibration import cached_general_neurons
+from cns.concept import MANIFEST, Concept, hash_concept_dir, load_concept
+from cns.config import Config
+from cns.cumulative import CumulativeModel, file_digest, open_model
+from cns.delta import add_token, save_delta, save_masks
+from cns.diffusion import ConceptBatchSource, encode_prompts, image_latents, tokenize
+from cns.errors import CNSError
+from cns.info import account
+from cns.lineage import ConceptRecord, Lineage, check_against_lineage, write_lineage
+from cns.neurons import Mask
+from cns.scoring import score_neurons
+from cns.selection import Selection, select_concept_neurons
+from cns.train import TrainResult, finetune
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedConcept:
+    concept: Concept
+    token_id: int
+    source: ConceptBatchSource
+    concept_token_ids: list[int]
+    resolution: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def check_token(cumulative: CumulativeModel, concept: Concept, source: str | Path) -> None:
+    """The token must be new to the tokenizer and come out as exactly one token in a prompt."""
+    tokenizer = cumulative.model.tokenizer
+    if concept.token in tokenizer.get_vocab():
+        raise CNSError(source, f"token {concept.token} is already in the tokenizer's vocabulary; pick a new one "
+                               "such as <name1>", "token_invalid")
+    trial = copy.deepcopy(tokenizer)
+    trial.add_tokens([concept.token])
+    new_id = trial.convert_tokens_to_ids(concept.token)
+    ids = trial(f"a photo of a {concept.token} {concept.class_noun}", add_special_tokens=False).input_ids
+    plain = trial(f"a photo of a {concept.class_noun}", add_special_tokens=False).input_ids
+    if ids.count(new_id) != 1 or len(ids) != len(plain) + 1:
+        raise CNSError(source, f"token {concept.token} is not kept as one new token by the tokenizer "
+                               "(use lower case, e.g. <name1>)", "token_invalid")
+
+
+def prepare(cumulative: CumulativeModel, concept: Concept, config: Config) -> PreparedConcept:
+    """Validate the concept against the model, add its token (initialised from the class noun),
+    encode its images once and build the seeded sampler of training pairs."""
+    start = time.perf_counter()
+    model = cumulative.model
+    manifest = (concept.directory / MANIFEST) if concept.directory else concept.name
+    check_against_lineage(concept, cumulative.lineage, manifest)
+    check_token(cumulative, concept, manifest)
+    class_ids = model.tokenizer(concept.class_noun, add_special_tokens=False).input_ids
+    token_id = add_token(model, concept.token)
+    with torch.no_grad():
+        emb = model.token_embedding.weight
+        # Start from the class noun (mean of its pieces): the model already draws a dog for "dog".
+        emb[token_id] = emb[class_ids].mean(dim=0)
+    resolution = config.train.resolution or model.native_resolution
+    latents = image_latents(model, concept.load_images(), resolution, with_flips=config.train.random_flip)
+    input_ids = tokenize(model, concept.training_prompts(config.train.prompt_template))
+    generator = torch.Generator().manual_seed(config.train.seed)
+    prepared = PreparedConcept(concept=concept, token_id=token_id,
+                               source=ConceptBatchSource(latents.cpu(), input_ids, generator),
+                               concept_token_ids=[token_id, *class_ids], resolution=resolution)
+    prepared.timings["prepare"] = time.perf_counter() - start
+    return prepared
+
+
+def general(cumulative: CumulativeModel, config: Config) -> tuple[Mask, Path]:
+    """The base model's general neurons (cached per base model and calibration settings)."""
+    return cached_general_neurons(cumulative.model, cumulative.layers, config.calibration, cumulative.base_hash,
+                                  config.cache_dir, weights=cumulative.pretrained)
+
+
+def score(cumulative: CumulativeModel, prepared: PreparedConcept, config: Config, progress: bool = True):
+    start = time.perf_counter()
+    scores = score_neurons(cumulative.model, cumulative.layers, prepared.source, config.scoring,
+                           mixed_precision=config.model.mixed_precision, progress=progress,
+                           concept_token_ids=prepared.concept_token_ids)
+    prepared.timings["score"] = time.perf_counter() - start
+    return scores
+
+
+def select(cumulative: CumulativeModel, scores, general_mask: Mask, config: Config) -> Selection:
+    return select_concept_neurons(scores, config.scoring.base_ratio, general_mask, cumulative.owned(),
+                                  exclude_owned=config.selection.exclude_owned)
+
+
+def earlier_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.Tensor | None:
+    """Text states of earlier concepts' prompts (their real tokens), for L_reg's output term."""
+    if not cumulative.lineage.concepts or not config.train.reg_output_weight:
+        return None
+    prompts = []
+    for record in cumulative.lineage.concepts:
+        prompts += record.prompts or [config.train.prompt_template.format(token=record.token,
+                                                                          class_noun=record.class_noun)]
+    ids = tokenize(cumulative.model, prompts)
+    eos = cumulative.model.tokenizer.eos_token_id
+    keep = torch.arange(ids.shape[1]).unsqueeze(0) <= (ids == eos).int().argmax(dim=1, keepdim=True)
+    with torch.no_grad():
+        states = encode_prompts(cumulative.model, ids)
+    return states[keep.to(states.device)].detach()
+
+
+def train(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Selection, config: Config,
+          progress: bool = True) -> TrainResult:
+    result = finetune(cumulative.model, cumulative.layers, selection.concept, prepared.token_id, prepared.source,
+                      config.train, pretrained=cumulative.pretrained,
+                      earlier_prompt_states=earlier_prompt_states(cumulative, config),
+                      mixed_precision=config.model.mixed_precision, progress=progress)
+    prepared.timings["train"] = result.seconds
+    return result
+
+
+def commit(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Selection, scores,
+           result: TrainResult, dataset_hash: str, config: Config) -> ConceptRecord:
+    """Write the concept's mask and delta, then the new lineage (the version exists from here on)."""
+    concept = prepared.concept
+    model_dir = cumulative.model_dir
+    lineage = cumulative.lineage
+    version = lineage.version + 1
+    concepts_dir = model_dir / "concepts"
+    concepts_dir.mkdir(parents=True, exist_ok=True)
+    final = concepts_dir / concept.name
+    tmp = concepts_dir / f".tmp-{concept.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        meta = {"concept": concept.name, "version": str(version), "base_hash": cumulative.base_hash}
+        save_masks(tmp / "mask.safetensors", {"concept": selection.concept, "base": selection.base,
+                                              "general": selection.general, "owned": selection.owned}, scores, meta)
+        save_delta(tmp / "delta.safetensors", result.rows, concept.token, result.token_embedding, meta)
+        if final.exists():  # left by a crash between rename and lineage write: not part of any version
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    earlier = cumulative.concept_masks()
+    stats = account(selection.concept, earlier, lineage.base["layers"], lineage.base["unet_parameters"])
+    stats.update({
+        "selection": selection.summary(),
+        "delta_sha256": file_digest(final / "delta.safetensors"),
+        "mask_sha256": file_digest(final / "mask.safetensors"),
+        "delta_bytes": (final / "delta.safetensors").stat().st_size,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "train_steps": len(result.losses),
+        "timings": dict(prepared.timings),
+    })
+    record = ConceptRecord(version=version, name=concept.name, token=concept.token, class_noun=concept.class_noun,
+                           dataset_hash=dataset_hash, mask=f"concepts/{concept.name}/mask.safetensors",
+                           delta=f"concepts/{concept.name}/delta.safetensors", prompts=list(concept.prompts),
+                           stats=stats, learned_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    new_lineage = Lineage(base=lineage.base, concepts=[*lineage.concepts, record])
+    write_lineage(model_dir, new_lineage)
+    cumulative.lineage = new_lineage
+    cumulative.token_ids[concept.name] = prepared.token_id
+    return record
+
+
+def learn_into(cumulative: CumulativeModel, concept: Concept, config: Config, dataset_hash: str,
+               progress: bool = True) -> tuple[ConceptRecord, TrainResult]:
+    """All steps on an open cumulative model."""
+    prepared = prepare(cumulative, concept, config)
+    general_mask, _ = general(cumulative, config)
+    scores = score(cumulative, prepared, config, progress)
+    selection = select(cumulative, scores, general_mask, config)
+    log.info("%s: %d base neurons minus general (%d in the base model) and owned (%d) -> %d concept neurons",
+             concept.name, *selection.summary().values())
+    result = train(cumulative, prepared, selection, config, progress)
+    return commit(cumulative, prepared, selection, scores, result, dataset_hash, config), result
+
+
+def learn(model_dir: str | Path, concept_dir: str | Path, config: Config,
+          progress: bool = True) -> tuple[CumulativeModel, ConceptRecord, TrainResult]:
+    """``cns learn``: validate the concept directory, open the model, learn, write the new version."""
+    concept = load_concept(concept_dir, config.limits)
+    cumulative = open_model(model_dir, config)
+    record, result = learn_into(cumulative, concept, config, hash_concept_dir(concept_dir), progress)
+    return cumulative, record, result

@@ -1,0 +1,103 @@
+"""The cumulative model's record: ``<model_dir>/lineage.json`` (format in docs/model_format.md).
+
+The lineage is the durable answer to "which concepts does this model hold, in which order, from
+which datasets". It is written last and atomically (temp file + ``os.replace``), so a crash leaves
+either the previous version or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cns.concept import Concept, ConceptError
+
+LINEAGE = "lineage.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ConceptRecord:
+    version: int
+    name: str
+    token: str
+    class_noun: str
+    dataset_hash: str
+    mask: str  # path relative to the model directory
+    delta: str
+    prompts: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    learned_at: str = ""
+
+
+@dataclass
+class Lineage:
+    base: dict[str, Any]
+    concepts: list[ConceptRecord] = field(default_factory=list)
+
+    @property
+    def version(self) -> int:
+        return len(self.concepts)
+
+    @property
+    def dataset_hashes(self) -> set[str]:
+        return {c.dataset_hash for c in self.concepts}
+
+    def find(self, name: str) -> ConceptRecord | None:
+        return next((c for c in self.concepts if c.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, "version": self.version, "base": self.base,
+                "concepts": [vars(c) for c in self.concepts]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Lineage":
+        return cls(base=data["base"], concepts=[ConceptRecord(**c) for c in data.get("concepts", [])])
+
+
+def read_lineage(model_dir: str | Path) -> Lineage | None:
+    """The model directory's lineage, or None when the directory holds no model yet."""
+    path = Path(model_dir) / LINEAGE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT_VERSION}")
+        return Lineage.from_json(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConceptError(path, f"not a valid lineage ({exc})", "lineage_invalid") from None
+
+
+def write_lineage(model_dir: str | Path, lineage: Lineage) -> None:
+    """Atomically replace ``lineage.json`` (fsync'd temp file, then rename)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".lineage-", suffix=".json", dir=model_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(lineage.to_json(), f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, model_dir / LINEAGE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_against_lineage(concept: Concept, lineage: Lineage | None, source: str | Path) -> None:
+    """A concept may not reuse an earlier concept's name or token."""
+    if lineage is None:
+        return
+    for record in lineage.concepts:
+        if record.token == concept.token:
+            raise ConceptError(source, f"token {concept.token} is already used by concept '{record.name}' "
+                                       f"(model v{record.version})", "token_taken")
+        if record.name == concept.name:
+            raise ConceptError(source, f"a concept named '{concept.name}' is already learned (model "
+                                       f"v{record.version}); pick another name", "name_taken")

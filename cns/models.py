@@ -1,0 +1,158 @@
+"""Base models: the offline ``tiny`` SD-shaped pipeline and any diffusers Stable Diffusion 1.x/2.x.
+
+A :class:`DiffusionModel` holds the parts CNS touches (UNet, VAE, text encoder, tokenizer, the
+training noise scheduler) and nothing of the pipeline machinery; :func:`to_pipeline` assembles a
+standard ``StableDiffusionPipeline`` from them for generation and export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from cns.errors import CNSError
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+TINY_SEED = 1234
+# Stable Diffusion 1.x's training schedule (scaled-linear betas), reused for the tiny model.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   clip_sample=False, steps_offset=1, prediction_type="epsilon")
+
+
+@dataclass
+class DiffusionModel:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    reference: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def token_embedding(self) -> torch.nn.Embedding:
+        return self.text_encoder.get_input_embeddings()
+
+    def to(self, device: torch.device | str) -> "DiffusionModel":
+        for part in (self.unet, self.vae, self.text_encoder):
+            part.to(device)
+        return self
+
+    def freeze(self) -> None:
+        for part in (self.unet, self.vae, self.text_encoder):
+            part.requires_grad_(False)
+            part.eval()
+
+    def unet_parameters(self) -> int:
+        return sum(p.numel() for p in self.unet.parameters())
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """OpenAI CLIP's BPE tokenizer, shipped with the package (see cns/assets/clip_tokenizer)."""
+    path = resources.files("cns") / "assets" / "clip_tokenizer"
+    return CLIPTokenizer.from_pretrained(str(path))
+
+
+def build_tiny(seed: int = TINY_SEED) -> DiffusionModel:
+    """A small SD-shaped pipeline with random weights, identical on every machine for one seed.
+
+    Same classes and wiring as SD-1.5 (4-channel latents, cross-attention in every UNet block,
+    a CLIP text encoder with OpenAI's vocabulary), at 64x64 pixels / 16x16 latents.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+            block_out_channels=(16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ))
+    model = DiffusionModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                           noise_scheduler=DDPMScheduler(**SD_SCHEDULE),
+                           reference=TINY)
+    model.freeze()
+    return model
+
+
+def load_pretrained(name_or_path: str, revision: str | None = None) -> DiffusionModel:
+    """A diffusers SD 1.x/2.x directory (never touches the network) or hub id."""
+    local = Path(name_or_path).expanduser()
+    kwargs: dict = {"revision": revision}
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise CNSError(local / "model_index.json", "missing: not a diffusers Stable Diffusion directory",
+                           "model_invalid")
+        name_or_path, kwargs = str(local), {"local_files_only": True}
+    try:
+        model = DiffusionModel(
+            unet=UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kwargs),
+            vae=AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kwargs),
+            noise_scheduler=DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kwargs),
+            reference=str(name_or_path),
+        )
+    except (OSError, ValueError) as exc:
+        raise CNSError(name_or_path, f"cannot load as a Stable Diffusion model ({str(exc).splitlines()[0]})",
+                       "model_invalid") from None
+    model.freeze()
+    return model
+
+
+def load_base(name_or_path: str, revision: str | None = None) -> DiffusionModel:
+    return build_tiny() if name_or_path == TINY else load_pretrained(name_or_path, revision)
+
+
+def weights_hash(model: DiffusionModel) -> str:
+    """blake2b over the UNet and text encoder weights (names, dtypes, shapes, bytes).
+
+    Deltas are row values for one exact base; the lineage stores this hash and loading refuses a
+    base that differs by a single bit.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for prefix, part in (("unet.", model.unet), ("text_encoder.", model.text_encoder)):
+        for name, tensor in sorted(part.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{prefix}{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def to_pipeline(model: DiffusionModel) -> StableDiffusionPipeline:
+    """A standard diffusers pipeline over the same modules (no copy), with a DDIM sampler."""
+    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
+    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)

@@ -1,0 +1,1 @@
+"""Prefect flows: the readable call graph over ``tasks`` (watch bucket -> personalize -> version)."""

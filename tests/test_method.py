@@ -1,0 +1,144 @@
+"""The method's guarantees, on the tiny model with two real concepts learned in sequence."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from cns.calibration import cache_path, load_calibration_prompts
+from cns.delta import load_masks
+from cns.neurons import kv_layers
+from cns.selection import rows_for_ratio
+
+from conftest import SAMPLES, small_config
+
+
+def _masks(tc, i):
+    return load_masks(tc.model_dir / tc.records[i].mask)[0]
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row 'any bit differs' (exact comparison, no tolerance)."""
+    return (a != b).reshape(a.shape[0], -1).any(dim=1)
+
+
+def test_only_selected_rows_and_token_embedding_change(two_concepts):
+    tc = two_concepts
+    concept = _masks(tc, 0)["concept"]
+    before, after = tc.base, tc.after_first
+    kv = {f"unet.{name}.weight": name for name in concept}
+    changed_rows = 0
+    for key, old in before.items():
+        new = after[key]
+        if key in kv:
+            differs = _differs(old, new)
+            assert not (differs & ~concept[kv[key]]).any(), f"{key}: a row outside the mask changed"
+            changed_rows += int(differs.sum())
+        elif key.endswith("token_embedding.weight"):
+            assert new.shape[0] == old.shape[0] + 1
+            assert torch.equal(new[: old.shape[0]], old), "an existing token embedding changed"
+        else:
+            assert torch.equal(old, new), f"{key} changed"
+    assert changed_rows > 0.9 * sum(int(m.sum()) for m in concept.values()), "selected rows did not train"
+
+
+def test_second_concept_leaves_first_concepts_rows_bitwise_unchanged(two_concepts):
+    tc = two_concepts
+    first = _masks(tc, 0)["concept"]
+    for name, rows in first.items():
+        key = f"unet.{name}.weight"
+        assert torch.equal(tc.after_first[key][rows], tc.after_second[key][rows]), name
+    (emb,) = [k for k in tc.after_first if k.endswith("token_embedding.weight")]
+    token_id = tc.cumulative.token_ids["dog"]
+    assert torch.equal(tc.after_first[emb][token_id], tc.after_second[emb][token_id])
+
+
+def test_general_neurons_are_never_selected(two_concepts):
+    tc = two_concepts
+    for i in range(2):
+        masks = _masks(tc, i)
+        assert sum(int(m.sum()) for m in masks["general"].values()) > 0, "calibration found no general neurons"
+        for name, rows in masks["concept"].items():
+            assert not (rows & masks["general"][name]).any(), f"general neuron selected in {name}"
+
+
+def test_selection_ratios_hold(two_concepts):
+    tc = two_concepts
+    cfg = tc.config
+    masks = _masks(tc, 1)
+    for layer in kv_layers(tc.cumulative.model.unet):
+        base = masks["base"][layer.name]
+        assert int(base.sum()) == rows_for_ratio(layer.rows, cfg.scoring.base_ratio), layer.name
+        assert not (masks["concept"][layer.name] & ~base).any(), "concept neuron outside the base neurons"
+    prompts = load_calibration_prompts()
+    cached = load_file(cache_path(cfg.cache_dir, tc.cumulative.base_hash, prompts, cfg.calibration))
+    for name, general in masks["general"].items():
+        frequency = cached[f"frequency/{name}"]
+        assert torch.equal(general, frequency >= cfg.calibration.general_consistency - 1e-9)
+        top_k = rows_for_ratio(general.numel(), cfg.calibration.general_ratio)
+        assert int(general.sum()) <= top_k, "more general neurons than any one prompt's top rows"
+
+
+def test_default_selection_excludes_rows_owned_by_earlier_concepts(two_concepts):
+    tc = two_concepts
+    first, second = _masks(tc, 0)["concept"], _masks(tc, 1)
+    for name in first:
+        assert torch.equal(second["owned"][name], first[name])
+        assert not (second["concept"][name] & first[name]).any()
+
+
+def test_training_loss_falls_on_the_concept_images(tmp_path):
+    from cns.concept import load_concept
+    from cns.cumulative import open_model
+    from cns.diffusion import diffusion_loss, encode_prompts
+    from cns.learn import general, prepare, score, select, train
+
+    config = small_config(tmp_path, train={"max_train_steps": 60, "learning_rate": 3e-3, "token_learning_rate": 3e-2})
+    cumulative = open_model(tmp_path / "model", config)
+    prepared = prepare(cumulative, load_concept(SAMPLES / "dog", config.limits), config)
+
+    def held_loss() -> float:  # the same 16 (image, timestep, noise) draws every time
+        g = torch.Generator().manual_seed(123)
+        latents = prepared.source.latents.repeat(2, 1, 1, 1)[:16]
+        with torch.no_grad():
+            states = encode_prompts(cumulative.model, prepared.source.input_ids.repeat(16, 1))
+            return float(diffusion_loss(cumulative.model, latents, states, g))
+
+    before = held_loss()
+    selection = select(cumulative, score(cumulative, prepared, config, progress=False), general(cumulative, config)[0],
+                       config)
+    train(cumulative, prepared, selection, config, progress=False)
+    after = held_loss()
+    assert after < 0.97 * before, (before, after)
+
+
+def test_learning_is_reproducible_for_a_seed(tmp_path):
+    from cns.delta import load_delta
+    from cns.learn import learn
+
+    deltas = []
+    for run in ("a", "b"):
+        config = small_config(tmp_path / run, train={"max_train_steps": 5})
+        _, record, _ = learn(tmp_path / run / "model", SAMPLES / "dog", config, progress=False)
+        deltas.append(load_delta(tmp_path / run / "model" / record.delta))
+    (rows_a, _, emb_a, _), (rows_b, _, emb_b, _) = deltas
+    assert torch.equal(emb_a, emb_b)
+    assert rows_a.keys() == rows_b.keys()
+    for name in rows_a:
+        assert torch.equal(rows_a[name].index, rows_b[name].index)
+        assert torch.equal(rows_a[name].weight, rows_b[name].weight)
+
+
+def test_activation_scorer_selects_the_same_number_of_base_neurons(tmp_path):
+    from cns.concept import load_concept
+    from cns.cumulative import open_model
+    from cns.learn import general, prepare, score, select
+
+    config = small_config(tmp_path, scoring={"scorer": "activation"})
+    cumulative = open_model(tmp_path / "model", config)
+    prepared = prepare(cumulative, load_concept(SAMPLES / "cat2", config.limits), config)
+    scores = score(cumulative, prepared, config, progress=False)
+    assert all(s.shape == (layer.rows,) and bool((s > 0).all()) for s, layer in zip(scores.values(), cumulative.layers))
+    selection = select(cumulative, scores, general(cumulative, config)[0], config)
+    for layer in cumulative.layers:
+        assert int(selection.base[layer.name].sum()) == rows_for_ratio(layer.rows, config.scoring.base_ratio)
