@@ -29,6 +29,7 @@ from cns.concept import IMAGE_SUFFIXES, MANIFEST, Concept, ConceptError, dataset
 from cns.config import LimitsConfig
 from cns.lineage import Lineage, check_against_lineage
 from tasks.s3 import client_errors, describe_error
+from tasks.s3 import list_objects as s3_list_objects
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,8 @@ def _uri(bucket: str, key: str) -> str:
 def list_objects(s3, bucket: str, prefix: str):
     """Every object under ``prefix``, one paginated ListObjectsV2 (1,000 keys per request)."""
     try:
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                yield S3Object(item["Key"], item["ETag"].strip('"'), int(item["Size"]))
+        for key, etag, size in s3_list_objects(s3, bucket, prefix):
+            yield S3Object(key, etag, size)
     except client_errors() as exc:
         raise describe_error(exc, _uri(bucket, prefix)) from None
 

@@ -9,6 +9,9 @@ profile, an instance role), so the same code talks to the local SeaweedFS, MinIO
 from __future__ import annotations
 
 import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from urllib.parse import unquote_plus
 
 from cns.errors import CNSError
 
@@ -76,3 +79,33 @@ def describe_error(exc: Exception, what: str) -> S3Error:
         return S3Error(what, f"cannot reach the S3 endpoint {endpoint_url() or 'AWS'} (is `cns stack up` running?)",
                        "endpoint_unreachable")
     return S3Error(what, f"S3 request failed ({exc})")
+
+
+def list_objects(s3, bucket: str, prefix: str) -> Iterator[tuple[str, str, int]]:
+    """(key, ETag without quotes, size) of every object under ``prefix``, one paginated
+    ListObjectsV2 (1,000 keys a page).
+
+    botocore's generic XML parser spends ~0.2 s per 1,000 keys on shape handling, more than the
+    server takes; so a ``before-parse`` hook reads the ``Contents`` with ElementTree and hands
+    botocore only the page's envelope (IsTruncated, continuation token). Signing, retries and
+    error handling stay botocore's; listing 4,000 keys drops from ~0.75 s to ~0.3 s.
+    """
+    s3.meta.events.register("before-parse.s3.ListObjectsV2", _parse_contents, unique_id="cns-fast-contents")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, EncodingType="url"):
+        yield from page.get("CnsContents", [])
+
+
+def _parse_contents(response_dict, customized_response_dict, **_) -> None:
+    if response_dict.get("status_code") != 200 or not response_dict.get("body"):
+        return  # errors keep botocore's parsing and exceptions
+    root = ET.fromstring(response_dict["body"])
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    encoded = root.findtext(f"{ns}EncodingType") == "url"  # as botocore's own decode_list_object_v2
+    contents = []
+    for item in root.findall(f"{ns}Contents"):
+        key = item.findtext(f"{ns}Key")
+        contents.append((unquote_plus(key) if encoded else key, item.findtext(f"{ns}ETag").strip('"'),
+                         int(item.findtext(f"{ns}Size"))))
+        root.remove(item)
+    customized_response_dict["CnsContents"] = contents
+    response_dict["body"] = ET.tostring(root)
