@@ -78,6 +78,9 @@ def fill(client, bucket_name: str, count: int) -> float:
 
 
 def main() -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", type=int, default=1000)
     parser.add_argument("--idle", type=float, default=30.0, help="seconds to wait before measuring idle memory")

@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,7 @@ REJECTED = "rejected/"
 ERROR_FILE = "error.json"
 MAX_NAME_BYTES = 255
 CHUNK = 1 << 20
+HASH_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -202,17 +204,25 @@ def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
         datasets.setdefault(concept, Dataset(concept)).objects.append(obj)
     rejected = rejected_keys(s3, bucket, concept)
     learned = lineage.dataset_hashes if lineage else set()
-    for dataset in datasets.values():
-        if not dataset.ready:
-            continue
+    ready = [d for d in datasets.values() if d.ready]
+    signatures = {d.concept: d.signature for d in ready}
+    unknown = []
+    for dataset in ready:
         dataset.problem = listing_problem(dataset, bucket, limits)
         if dataset.problem:
-            dataset.hash, dataset.hash_kind = dataset.signature, "listing"
+            dataset.hash, dataset.hash_kind = signatures[dataset.concept], "listing"
         else:
-            dataset.hash = cache.get(dataset.signature)
+            dataset.hash = cache.get(signatures[dataset.concept])
             if dataset.hash is None:
-                dataset.hash = content_hash(s3, bucket, dataset)
-                cache.put(dataset.signature, dataset.hash)
+                unknown.append(dataset)
+    with ThreadPoolExecutor(HASH_THREADS) as pool:  # reading new datasets is I/O: overlap it
+        for dataset, digest in zip(unknown, pool.map(lambda d: _try_content_hash(s3, bucket, d), unknown)):
+            dataset.hash = digest
+            if digest is not None:
+                cache.put(signatures[dataset.concept], digest)
+    for dataset in ready:
+        if dataset.hash is None:
+            continue  # changed while being hashed: still "incomplete", the next scan reads it again
         if dataset.hash in learned:
             dataset.state = "learned"
         elif (record_folder(dataset.concept), dataset.hash) in rejected:
@@ -220,7 +230,7 @@ def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
         else:
             dataset.state = "pending"
     if concept is None:  # a full scan knows which entries are gone
-        cache.save({d.signature for d in datasets.values() if d.ready and not d.problem})
+        cache.save({signatures[d.concept] for d in ready if not d.problem})
     else:
         cache.save(set(cache.entries))
     return [datasets[c] for c in sorted(datasets)]
@@ -254,6 +264,16 @@ def _read_object(s3, bucket: str, obj: S3Object, sink) -> str:
 
 def content_hash(s3, bucket: str, dataset: Dataset) -> str:
     return dataset_hash({_name(dataset, o): _read_object(s3, bucket, o, None) for o in dataset.files})
+
+
+def _try_content_hash(s3, bucket: str, dataset: Dataset) -> str | None:
+    try:
+        return content_hash(s3, bucket, dataset)
+    except ConceptError as exc:
+        if exc.code != "dataset_changed":
+            raise
+        log.info("%s", exc)
+        return None
 
 
 def download(s3, bucket: str, dataset: Dataset, dest: Path) -> Path:

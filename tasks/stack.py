@@ -347,6 +347,7 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
                                  f"{_log_tail(log_path)}", "service_failed")
             if healthy(_health_url(name, config), timeout=1.0):
                 pending.remove(name)
+                log.info("%s healthy after %.1f s", name, timeout - (deadline - time.monotonic()))
         if pending and time.monotonic() > deadline:
             raise StackError(config.root / "logs" / f"{pending[0]}.log",
                              f"{', '.join(pending)} not healthy after {timeout:.0f} s", "service_timeout")
@@ -395,12 +396,14 @@ def down(config: StackConfig, timeout: float = 15.0) -> list[str]:
             continue
         pgid = record["pid"]
         _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         while _group_members(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if _group_members(pgid):
             log.warning("%s did not stop within %.0f s, killing it", name, timeout)
             _signal_group(pgid, signal.SIGKILL)
+        log.info("stopped %s (pid %d) in %.1f s", name, pgid, time.monotonic() - start)
         _record_path(config, name).unlink(missing_ok=True)
         stopped.append(name)
     return stopped
