@@ -57,6 +57,19 @@ def memory_mb(config: stack.StackConfig) -> dict[str, dict[str, float]]:
     return result
 
 
+def cpu_seconds(config: stack.StackConfig) -> dict[str, float]:
+    """CPU time (user + system) each service's process group has used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    result = {}
+    for item in stack.status(config):
+        total = 0
+        for pid in stack._group_members(item.pid):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        result[item.name] = round(total / ticks, 1)
+    return result
+
+
 def tiny_png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
@@ -92,13 +105,14 @@ def main() -> int:
     out: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
-                 "python": platform.python_version()}
+                 "python": platform.python_version(), "loadavg_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="cns-stack-bench-") as tmp:
         config = stack.StackConfig.resolve(root=tmp, ports=free_ports(), bucket="bench")
         try:
             start = time.perf_counter()
             _, creds = stack.up(config, timeout=120)
             out["up_cold_s"] = round(time.perf_counter() - start, 2)
+            out["up_cpu_s"] = cpu_seconds(config)
             time.sleep(args.idle)
             out["idle_after_s"] = args.idle
             out["memory"] = memory_mb(config)

@@ -8,6 +8,7 @@ profile, an instance role), so the same code talks to the local SeaweedFS, MinIO
 
 from __future__ import annotations
 
+import logging
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -41,6 +42,8 @@ def client():
     import boto3
     from botocore.config import Config
 
+    # "Found credentials in environment variables" at INFO on every command is noise, not news.
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     endpoint = endpoint_url()
     config = Config(s3={"addressing_style": "path"} if endpoint else {},
                     retries={"max_attempts": 3, "mode": "standard"},
