@@ -186,6 +186,12 @@ class HashCache:
         os.replace(tmp, self.path)
 
 
+def default_cache_path(s3, bucket: str) -> Path:
+    """``<stack dir>/cache/bucket-<id>.json``, one file per endpoint and bucket."""
+    ident = hashlib.sha256(f"{s3.meta.endpoint_url}|{bucket}".encode()).hexdigest()[:12]
+    return Path(os.environ.get("CNS_STACK_DIR") or ".stack") / "cache" / f"bucket-{ident}.json"
+
+
 def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
          cache: HashCache | None = None, concept: str | None = None) -> list[Dataset]:
     """Every dataset under ``incoming/`` (or only ``incoming/<concept>/``) with its hash and state,

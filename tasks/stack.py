@@ -347,7 +347,8 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
                                  f"{_log_tail(log_path)}", "service_failed")
             if healthy(_health_url(name, config), timeout=1.0):
                 pending.remove(name)
-                log.info("%s healthy after %.1f s", name, timeout - (deadline - time.monotonic()))
+                if proc is not None:
+                    log.info("%s healthy after %.1f s", name, timeout - (deadline - time.monotonic()))
         if pending and time.monotonic() > deadline:
             raise StackError(config.root / "logs" / f"{pending[0]}.log",
                              f"{', '.join(pending)} not healthy after {timeout:.0f} s", "service_timeout")

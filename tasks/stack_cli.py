@@ -4,12 +4,10 @@ to the local stack and the drop bucket. Added to the ``cns`` parser by ``flows.c
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -110,16 +108,6 @@ def _env(args) -> int:
 
 # ---- bucket ------------------------------------------------------------------------------------
 
-def hash_cache_path() -> Path:
-    """Per endpoint and bucket, under the stack directory (it is a cache: safe to delete)."""
-    import os
-
-    from tasks import s3, stack
-
-    ident = hashlib.sha256(f"{s3.endpoint_url() or 'aws'}|{s3.bucket_name()}".encode()).hexdigest()[:12]
-    return Path(os.environ.get("CNS_STACK_DIR") or stack.DEFAULT_DIR) / "cache" / f"bucket-{ident}.json"
-
-
 def _drop(args) -> int:
     from cns.config import load_config
     from tasks import bucket, s3
@@ -138,7 +126,7 @@ def _datasets(args) -> int:
     config = load_config(args.config)
     client, name = s3.client(), s3.bucket_name()
     found = bucket.scan(client, name, limits=config.limits, lineage=read_lineage(config.model_dir),
-                        cache=bucket.HashCache(hash_cache_path()))
+                        cache=bucket.HashCache(bucket.default_cache_path(client, name)))
     found = [d for d in found if args.state in (None, d.state)]
     rows = []
     for d in found:
