@@ -43,8 +43,15 @@ class Concept:
             return list(self.prompts)
         return [template.format(token=self.token, class_noun=self.class_noun)]
 
-    def load_images(self) -> list[Image.Image]:
-        return [_open_rgb(p) for p in self.image_paths]
+    def load_images(self, paths: tuple[Path, ...] | None = None) -> list[Image.Image]:
+        return [_open_rgb(p) for p in (self.image_paths if paths is None else paths)]
+
+    def split(self, holdout: int, min_train: int) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+        """(training images, held-out images): the last ``holdout`` by file name are held out,
+        none when that would leave fewer than ``min_train`` to train on."""
+        n = holdout if len(self.image_paths) - holdout >= max(1, min_train) else 0
+        cut = len(self.image_paths) - n
+        return self.image_paths[:cut], self.image_paths[cut:]
 
 
 def parse_manifest(text: str, source: str | Path, default_name: str) -> dict:

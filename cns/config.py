@@ -102,6 +102,29 @@ class GenerateConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    # Judge models, each a local directory (transformers format). Without one, its metrics are
+    # logged as "unavailable", never estimated some other way.
+    clip_model_path: str | None = None  # CLIP-T (prompt alignment) and CLIP-I (image alignment)
+    dino_model_path: str | None = None  # DINO (image alignment; ViT or DINOv2 checkpoints)
+    # Prompts for the fixed-seed samples of every concept ({token}, {class_noun} filled in). The
+    # same prompts and seeds right after learning and later give the forgetting measure.
+    prompts: list[str] = field(default_factory=lambda: [
+        "a photo of a {token} {class_noun}",
+        "a {token} {class_noun} on the beach",
+    ])
+    num_images_per_prompt: int = 2
+    seed: int = 1000
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    # The last N images (by file name) of a concept are held out of training, for the held-out
+    # diffusion loss; 0 when that would leave fewer than limits.min_images - 1 to train on.
+    holdout_images: int = 1
+    # (image, timestep, noise) draws for the held-out loss; fixed seeds, never used in training.
+    loss_draws: int = 16
+
+
+@dataclass
 class LimitsConfig:
     # DreamBooth/Custom Diffusion use 3-20 images per subject; more is usually a mistake.
     min_images: int = 3
@@ -119,6 +142,7 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     # Where the cumulative model and the general-neuron cache live (relative to the workspace).
     model_dir: str = "data/model"
@@ -165,6 +189,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if tp in (str, bool) and isinstance(value, tp):
         return value
+    if typing.get_origin(tp) is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     raise ConfigError(source, f"{key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
 
 

@@ -45,6 +45,7 @@ class PreparedConcept:
     source: ConceptBatchSource
     concept_token_ids: list[int]
     resolution: int
+    holdout_paths: tuple[Path, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -79,12 +80,14 @@ def prepare(cumulative: CumulativeModel, concept: Concept, config: Config) -> Pr
         # Start from the class noun (mean of its pieces): the model already draws a dog for "dog".
         emb[token_id] = emb[class_ids].mean(dim=0)
     resolution = config.train.resolution or model.native_resolution
-    latents = image_latents(model, concept.load_images(), resolution, with_flips=config.train.random_flip)
+    train_paths, holdout_paths = concept.split(config.evaluate.holdout_images, config.limits.min_images - 1)
+    latents = image_latents(model, concept.load_images(train_paths), resolution, with_flips=config.train.random_flip)
     input_ids = tokenize(model, concept.training_prompts(config.train.prompt_template))
     generator = torch.Generator().manual_seed(config.train.seed)
     prepared = PreparedConcept(concept=concept, token_id=token_id,
                                source=ConceptBatchSource(latents.cpu(), input_ids, generator),
-                               concept_token_ids=[token_id, *class_ids], resolution=resolution)
+                               concept_token_ids=[token_id, *class_ids], resolution=resolution,
+                               holdout_paths=holdout_paths)
     prepared.timings["prepare"] = time.perf_counter() - start
     return prepared
 
