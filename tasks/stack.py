@@ -56,7 +56,11 @@ class StackConfig:
         root = Path(root or os.environ.get("CNS_STACK_DIR") or DEFAULT_DIR)
         recorded = {}
         if (root / "stack.json").is_file():
-            recorded = json.loads((root / "stack.json").read_text())
+            try:
+                recorded = json.loads((root / "stack.json").read_text())
+            except ValueError as exc:
+                raise StackError(root / "stack.json", f"not valid JSON ({exc}); delete it and pass the ports "
+                                 "again", "stack_invalid") from None
         merged = {}
         for name in SERVICES:
             value = (ports or {}).get(name) or os.environ.get(f"CNS_{name.upper()}_PORT") \
