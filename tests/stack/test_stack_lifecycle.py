@@ -124,7 +124,7 @@ def test_status_reports_a_killed_server_as_down_and_up_restarts_it(running_stack
     assert states == {"s3": "stopped", "mlflow": "running", "prefect": "running"}
     assert cli("stack", "status", "--dir", str(config.root)) == 1
     assert "s3       stopped" in capsys.readouterr().out
-    items, _ = stack.up(config)
+    items, _ = stack.up(config, timeout=120)
     assert all(s.state == "running" for s in items)
     assert s3.get_object(Bucket=running_stack.bucket, Key="lifecycle/kept.txt")["Body"].read() == b"still here"
 
@@ -146,7 +146,7 @@ def test_up_after_down_works_and_keeps_the_data(running_stack):
     assert not any(stack._group_members(pid) for pid in groups)  # every process it started is gone
     assert not list((config.root / "run").glob("*.json"))
 
-    assert cli("stack", "up", "--dir", str(config.root)) == 0
+    assert cli("stack", "up", "--dir", str(config.root), "--timeout", "120") == 0
     assert all(s.state == "running" for s in stack.status(config))
     assert s3.get_object(Bucket=running_stack.bucket, Key="lifecycle/before-down.txt")["Body"].read() == b"data"
     client = mlflow.MlflowClient(config.mlflow_url)
