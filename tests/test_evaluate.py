@@ -13,13 +13,15 @@ import torch
 from PIL import Image
 
 from cns.config import EvaluateConfig
+from cns.delta import load_masks
 from cns.errors import CNSError
 from cns.evaluate import (UNAVAILABLE, Judges, clip_i, clip_t, concept_prompts, dino_score, evaluate_concept,
                           heldout_loss, judge_text, load_judges, load_reference, output_change, psnr,
                           sample_outputs, sampling_settings, save_reference)
 from cns.models import clip_tokenizer
 from cns.neurons import kv_layers
-from tests.conftest import SAMPLES
+from conftest import SAMPLES
+from tasks.plots import forgetting_heatmap, loss_curve, mask_heatmap, save_grid
 
 FAST = dict(num_inference_steps=3, num_images_per_prompt=1, loss_draws=4)
 
@@ -226,3 +228,35 @@ def test_clip_checkpoint_is_refused_as_dino_judge(judge_paths):
     clip, _ = judge_paths
     with pytest.raises(CNSError, match="not a ViT/DINOv2"):
         load_judges(EvaluateConfig(dino_model_path=str(clip)))
+
+
+# ---- plots --------------------------------------------------------------------------------------
+
+def png_size(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_mask_heatmap_of_a_learned_concept_has_one_strip_per_layer(two_concepts, tmp_path):
+    masks, _ = load_masks(two_concepts.model_dir / two_concepts.records[1].mask)
+    half = {kind: dict(list(mask.items())[: len(mask) // 2]) for kind, mask in masks.items()}
+    full = png_size(mask_heatmap(masks, tmp_path / "masks.png", "cat2"))
+    fewer = png_size(mask_heatmap(half, tmp_path / "half.png", "cat2"))
+    assert full[0] == fewer[0] == 1200 and full[1] > fewer[1]
+
+
+def test_forgetting_heatmap_accepts_not_yet_learned_cells(tmp_path):
+    matrix = pd.DataFrame([[0.0, np.nan], [0.02, 0.0]], index=["v1 dog", "v2 cat2"], columns=["dog", "cat2"])
+    width, height = png_size(forgetting_heatmap(matrix, tmp_path / "forgetting.png"))
+    assert width > 300 and height > 200
+
+
+def test_loss_curve_writes_a_png(tmp_path):
+    assert png_size(loss_curve([0.5 - 0.01 * i for i in range(30)], tmp_path / "loss.png")) == (700, 400)
+
+
+def test_save_grid_puts_per_row_samples_side_by_side(tmp_path):
+    samples = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    assert png_size(save_grid(samples, tmp_path / "grid.png", per_row=2)) == (2 * 128, 3 * 128)
+    assert png_size(save_grid(samples, tmp_path / "native.png", per_row=3, cell=64)) == (3 * 64, 2 * 64)
