@@ -137,15 +137,24 @@ def heldout_loss(model: DiffusionModel, images: list[Image.Image], prompts: list
 
 @dataclass
 class ImageSpec:
-    """Resize the short side to ``size``, centre crop, normalize (as the judges were trained)."""
+    """Resize the short side to ``resize``, centre crop ``size``, normalize (as the judge was trained)."""
 
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: int | None = None  # None = size (CLIP); DINO resizes to 256 and crops 224
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        if self.resize and self.resize > self.size:  # crop the centre first: then preprocess's crop is exact
+            images = [_centre_square(im, min(im.size) * self.size / self.resize) for im in images]
         x = torch.stack([preprocess(im, self.size) for im in images]) * 0.5 + 0.5  # [-1, 1] -> [0, 1]
         return (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+
+
+def _centre_square(image: Image.Image, side: float) -> Image.Image:
+    w, h = image.size
+    left, top = (w - side) / 2, (h - side) / 2
+    return image.crop((round(left), round(top), round(left + side), round(top + side)))
 
 
 @dataclass
@@ -168,12 +177,14 @@ class Judges:
 
 
 def _image_spec(path: Path, default_size: int, mean: tuple, std: tuple) -> ImageSpec:
-    """The crop size and normalization from the directory's preprocessor_config.json, if any."""
+    """Crop size, resize and normalization from the directory's preprocessor_config.json, if any."""
     file = path / "preprocessor_config.json"
     data = json.loads(file.read_text()) if file.is_file() else {}
-    crop = data.get("crop_size", default_size)
+    crop, resize = data.get("crop_size", default_size), data.get("size")
     size = crop.get("height", default_size) if isinstance(crop, dict) else crop
-    return ImageSpec(int(size), tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std)))
+    resize = resize.get("shortest_edge") if isinstance(resize, dict) else resize
+    return ImageSpec(int(size), tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std)),
+                     int(resize) if isinstance(resize, (int, float)) else None)
 
 
 def _load(path_str: str, what: str, load):
@@ -194,6 +205,10 @@ def load_judges(config: EvaluateConfig, device: torch.device | str = "cpu") -> J
     if config.clip_model_path:
         path, (model, tokenizer) = _load(config.clip_model_path, "CLIP", lambda p: (
             CLIPModel.from_pretrained(p, local_files_only=True), CLIPTokenizer.from_pretrained(p, local_files_only=True)))
+        if len(tokenizer) != model.config.text_config.vocab_size:  # transformers loads an empty one silently
+            raise CNSError(path, f"tokenizer has {len(tokenizer)} tokens, the text model "
+                                 f"{model.config.text_config.vocab_size}: CLIP's tokenizer files (vocab.json, "
+                                 "merges.txt) must be in the same directory", "judge_invalid")
         spec = _image_spec(path, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
         judges.clip = ClipJudge(model.to(device).eval(), tokenizer, spec)
     if config.dino_model_path:

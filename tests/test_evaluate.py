@@ -15,7 +15,7 @@ from PIL import Image
 from cns.config import EvaluateConfig
 from cns.delta import load_masks
 from cns.errors import CNSError
-from cns.evaluate import (UNAVAILABLE, Judges, clip_i, clip_t, concept_prompts, dino_score, evaluate_concept,
+from cns.evaluate import (UNAVAILABLE, Judges, _image_spec, clip_i, clip_t, concept_prompts, dino_score, evaluate_concept,
                           heldout_loss, judge_text, load_judges, load_reference, output_change, psnr,
                           sample_outputs, sampling_settings, save_reference)
 from cns.models import clip_tokenizer
@@ -222,6 +222,27 @@ def test_directory_without_a_model_is_a_cns_error_naming_it(tmp_path):
     empty.mkdir()
     with pytest.raises(CNSError, match="empty-dino"):
         load_judges(EvaluateConfig(dino_model_path=str(empty)))
+
+
+def test_clip_without_its_tokenizer_files_is_a_cns_error(judge_paths, tmp_path):
+    clip, _ = judge_paths
+    bare = tmp_path / "clip-no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((clip / name).read_bytes())
+    with pytest.raises(CNSError, match="tokenizer files"):
+        load_judges(EvaluateConfig(clip_model_path=str(bare)))
+
+
+def test_judge_crop_follows_the_preprocessor_config(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256}, "image_mean": [0.5, 0.5, 0.5]}')
+    spec = _image_spec(tmp_path, 32, (0.0,) * 3, (1.0,) * 3)
+    assert (spec.size, spec.resize, spec.mean, spec.std) == (224, 256, (0.5,) * 3, (1.0,) * 3)
+    image = Image.new("RGB", (512, 384), "white")
+    image.paste((0, 0, 0), (0, 0, 60, 384))  # a black border that the 224-of-256 centre crop cuts off
+    pixels = spec.pixels([image])
+    assert pixels.shape == (1, 3, 224, 224) and torch.all(pixels == 0.5)  # (white - mean) / std
 
 
 def test_clip_checkpoint_is_refused_as_dino_judge(judge_paths):
