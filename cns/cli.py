@@ -93,6 +93,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cns.cumulative import open_model
+    from cns.evaluate import load_judges
+    from cns.report import evaluate_model, write_metrics
+
+    config = _config(args)
+    model_dir = _model_dir(args, config)
+    cumulative = open_model(model_dir, config)
+    datasets = Path(args.datasets) if args.datasets else model_dir.parent / "concepts"
+    evaluation = evaluate_model(cumulative, config, load_judges(config.evaluate, cumulative.model.device),
+                                datasets, progress=not args.quiet)
+    paths = write_metrics(evaluation, args.out)
+    for row in evaluation.rows():
+        print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="config file (default: params.yaml)")
@@ -121,6 +139,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-layer", action="store_true", help="a column per K/V layer")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("evaluate", parents=[common], help="evaluate every concept; write metrics/ (DVC stage)")
+    p.add_argument("--out", default="metrics", help="output directory (default: metrics)")
+    p.add_argument("--datasets", help="learned datasets (default: <model dir>/../concepts)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("calibrate", parents=[common], help="compute (or check) the base model's general neurons")
     p.set_defaults(func=cmd_calibrate)

@@ -135,6 +135,23 @@ class LimitsConfig:
 
 
 @dataclass
+class PipelineConfig:
+    # The lineage's name: the MLflow experiment and registered model, and the Prefect lock.
+    model_name: str = "cns-model"
+    # How often `watch` looks at the bucket (CNS_WATCH_INTERVAL overrides); a dataset starts
+    # training at most this long (+ the pass itself) after its manifest lands.
+    watch_interval_seconds: int = 30
+    # The nightly run (CNS_NIGHTLY_CRON overrides): learn what is pending, re-check every concept.
+    nightly_cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    # Scoring and finetuning tasks tagged `gpu` run at most this many at once.
+    gpu_task_concurrency: int = 1
+    # MLflow reserves the alias "latest" (models:/<name>/latest already means the newest
+    # version), so each new version gets this alias instead.
+    registry_alias: str = "current"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -144,6 +161,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # Where the cumulative model and the general-neuron cache live (relative to the workspace).
     model_dir: str = "data/model"
     cache_dir: str = "data/cache"

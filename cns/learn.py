@@ -28,6 +28,7 @@ from cns.cumulative import CumulativeModel, file_digest, open_model
 from cns.delta import add_token, save_delta, save_masks
 from cns.diffusion import ConceptBatchSource, encode_prompts, image_latents, tokenize
 from cns.errors import CNSError
+from cns.evaluate import concept_prompts, sample_outputs, sampling_settings, save_reference
 from cns.info import account
 from cns.lineage import ConceptRecord, Lineage, check_against_lineage, write_lineage
 from cns.neurons import Mask
@@ -36,6 +37,8 @@ from cns.selection import Selection, select_concept_neurons
 from cns.train import TrainResult, finetune
 
 log = logging.getLogger(__name__)
+
+REFERENCE = "reference.safetensors"
 
 
 @dataclass
@@ -138,9 +141,22 @@ def train(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Sel
     return result
 
 
+def reference_samples(cumulative: CumulativeModel, prepared: PreparedConcept, config: Config,
+                      progress: bool = False):
+    """The concept's fixed-seed samples right after learning: the forgetting measure's reference."""
+    start = time.perf_counter()
+    concept = prepared.concept
+    prompts = concept_prompts(concept.token, concept.class_noun, config.evaluate)
+    images = sample_outputs(cumulative.model, prompts, config.evaluate, resolution=prepared.resolution,
+                            progress=progress)
+    prepared.timings["reference"] = time.perf_counter() - start
+    return images, prompts
+
+
 def commit(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Selection, scores,
-           result: TrainResult, dataset_hash: str, config: Config) -> ConceptRecord:
-    """Write the concept's mask and delta, then the new lineage (the version exists from here on)."""
+           result: TrainResult, dataset_hash: str, config: Config, reference=None) -> ConceptRecord:
+    """Write the concept's mask, delta and reference samples, then the new lineage (the version
+    exists from here on)."""
     concept = prepared.concept
     model_dir = cumulative.model_dir
     lineage = cumulative.lineage
@@ -155,6 +171,9 @@ def commit(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Se
         save_masks(tmp / "mask.safetensors", {"concept": selection.concept, "base": selection.base,
                                               "general": selection.general, "owned": selection.owned}, scores, meta)
         save_delta(tmp / "delta.safetensors", result.rows, concept.token, result.token_embedding, meta)
+        if reference is not None:
+            images, prompts = reference
+            save_reference(tmp / REFERENCE, images, prompts, sampling_settings(config.evaluate, prepared.resolution))
         if final.exists():  # left by a crash between rename and lineage write: not part of any version
             shutil.rmtree(final)
         tmp.rename(final)
@@ -193,7 +212,8 @@ def learn_into(cumulative: CumulativeModel, concept: Concept, config: Config, da
     log.info("%s: %d base neurons minus general (%d in the base model) and owned (%d) -> %d concept neurons",
              concept.name, *selection.summary().values())
     result = train(cumulative, prepared, selection, config, progress)
-    return commit(cumulative, prepared, selection, scores, result, dataset_hash, config), result
+    reference = reference_samples(cumulative, prepared, config)
+    return commit(cumulative, prepared, selection, scores, result, dataset_hash, config, reference), result
 
 
 def learn(model_dir: str | Path, concept_dir: str | Path, config: Config,

@@ -1,0 +1,100 @@
+"""Evaluation of the whole cumulative model: every concept so far, and the forgetting record.
+
+``metrics/`` of a workspace (the DVC ``evaluate`` stage's outputs and the pipeline's history):
+
+- ``eval.json``: the current version's metrics per concept (``dvc metrics diff`` between tags);
+- ``concepts.csv``: the same as one row per concept (``dvc plots``);
+- ``forgetting.csv``: one row per (model version, concept) ever evaluated, appended per version:
+  how far each concept's fixed-seed samples moved since right after it was learned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from cns.concept import Concept, load_concept
+from cns.config import Config
+from cns.cumulative import CumulativeModel
+from cns.evaluate import UNAVAILABLE, Judges, evaluate_concept, load_reference, sampling_settings
+from cns.learn import REFERENCE
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("output_change", "heldout_loss", "clip_t", "clip_i", "dino")
+
+
+@dataclass
+class ModelEvaluation:
+    version: int
+    metrics: dict[str, dict[str, float | str]]  # concept -> metric -> value or "unavailable"
+    samples: dict[str, object] = field(default_factory=dict)  # concept -> uint8 (n, h, w, 3)
+
+    def rows(self) -> list[dict]:
+        return [{"version": self.version, "concept": name, **{k: m.get(k, UNAVAILABLE) for k in METRIC_NAMES}}
+                for name, m in self.metrics.items()]
+
+    def flat_metrics(self) -> dict[str, float]:
+        """{"eval/<concept>/<metric>": value} for the metrics that are numbers."""
+        return {f"eval/{name}/{k}": v for name, m in self.metrics.items() for k, v in m.items()
+                if isinstance(v, (int, float))}
+
+
+def dataset_images(directory: Path | None, config: Config) -> tuple[list[Image.Image], list[Image.Image]]:
+    """(training images, held-out images) of a learned concept's dataset, the split training used."""
+    if directory is None or not directory.is_dir():
+        return [], []
+    concept: Concept = load_concept(directory, config.limits)
+    train, held = concept.split(config.evaluate.holdout_images, config.limits.min_images - 1)
+    return concept.load_images(train), concept.load_images(held)
+
+
+def evaluate_model(cumulative: CumulativeModel, config: Config, judges: Judges, datasets_dir: Path | None,
+                   progress: bool = False) -> ModelEvaluation:
+    """Every metric for every concept of the model, at its current version."""
+    resolution = config.train.resolution or cumulative.model.native_resolution
+    settings = sampling_settings(config.evaluate, resolution)
+    evaluation = ModelEvaluation(version=cumulative.lineage.version, metrics={})
+    for record in cumulative.lineage.concepts:
+        ref_path = cumulative.model_dir / "concepts" / record.name / REFERENCE
+        reference = load_reference(ref_path, settings) if ref_path.exists() else None
+        if reference is None:
+            log.warning("%s has no reference samples: its output change is unavailable", record.name)
+        real, held = dataset_images(datasets_dir / record.name if datasets_dir else None, config)
+        result = evaluate_concept(cumulative.model, token=record.token, class_noun=record.class_noun,
+                                  real_images=real, heldout_images=held, reference=reference,
+                                  config=config.evaluate, judges=judges, resolution=resolution, progress=progress)
+        if not real:
+            # No dataset at hand (e.g. not pulled): image-alignment metrics cannot be computed.
+            result.metrics["clip_i"] = result.metrics["dino"] = UNAVAILABLE
+        evaluation.metrics[record.name] = result.metrics
+        evaluation.samples[record.name] = result.samples
+    return evaluation
+
+
+def write_metrics(evaluation: ModelEvaluation, out_dir: str | Path) -> dict[str, Path]:
+    """eval.json and concepts.csv for this version; forgetting.csv gains (or replaces) its rows."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"eval": out / "eval.json", "concepts": out / "concepts.csv", "forgetting": out / "forgetting.csv"}
+    paths["eval"].write_text(json.dumps({"version": evaluation.version, "concepts": evaluation.metrics},
+                                        indent=2, sort_keys=True) + "\n")
+    rows = pd.DataFrame(evaluation.rows(), columns=["version", "concept", *METRIC_NAMES])
+    rows.to_csv(paths["concepts"], index=False)
+    history = pd.read_csv(paths["forgetting"]) if paths["forgetting"].exists() else rows.iloc[0:0]
+    history = history[history["version"] != evaluation.version]
+    pd.concat([history, rows]).sort_values(["version", "concept"]).to_csv(paths["forgetting"], index=False)
+    return paths
+
+
+def forgetting_matrix(forgetting_csv: str | Path, metric: str = "output_change") -> pd.DataFrame:
+    """Rows: model version; columns: concepts in learning order; NaN where not learned yet."""
+    history = pd.read_csv(forgetting_csv)
+    history[metric] = pd.to_numeric(history[metric], errors="coerce")
+    order = list(dict.fromkeys(history.sort_values("version")["concept"]))
+    return history.pivot(index="version", columns="concept", values=metric).reindex(columns=order)
