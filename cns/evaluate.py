@@ -176,7 +176,7 @@ class Judges:
     dino: DinoJudge | None = None
 
 
-def _image_spec(path: Path, default_size: int, mean: tuple, std: tuple) -> ImageSpec:
+def judge_image_spec(path: Path, default_size: int, mean: tuple, std: tuple) -> ImageSpec:
     """Crop size, resize and normalization from the directory's preprocessor_config.json, if any."""
     file = path / "preprocessor_config.json"
     data = json.loads(file.read_text()) if file.is_file() else {}
@@ -209,14 +209,14 @@ def load_judges(config: EvaluateConfig, device: torch.device | str = "cpu") -> J
             raise CNSError(path, f"tokenizer has {len(tokenizer)} tokens, the text model "
                                  f"{model.config.text_config.vocab_size}: CLIP's tokenizer files (vocab.json, "
                                  "merges.txt) must be in the same directory", "judge_invalid")
-        spec = _image_spec(path, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
+        spec = judge_image_spec(path, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
         judges.clip = ClipJudge(model.to(device).eval(), tokenizer, spec)
     if config.dino_model_path:
         path, model = _load(config.dino_model_path, "DINO", lambda p: AutoModel.from_pretrained(p, local_files_only=True))
         size = getattr(model.config, "image_size", None)
         if not isinstance(size, int) or not hasattr(model.config, "patch_size"):
             raise CNSError(path, "not a ViT/DINOv2 image model (no image_size/patch_size)", "judge_invalid")
-        judges.dino = DinoJudge(model.to(device).eval(), _image_spec(path, size, IMAGENET_MEAN, IMAGENET_STD))
+        judges.dino = DinoJudge(model.to(device).eval(), judge_image_spec(path, size, IMAGENET_MEAN, IMAGENET_STD))
     return judges
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from cns.config import EvaluateConfig
 from cns.delta import load_masks
 from cns.errors import CNSError
-from cns.evaluate import (UNAVAILABLE, Judges, _image_spec, clip_i, clip_t, concept_prompts, dino_score, evaluate_concept,
+from cns.evaluate import (UNAVAILABLE, Judges, judge_image_spec, clip_i, clip_t, concept_prompts, dino_score, evaluate_concept,
                           heldout_loss, judge_text, load_judges, load_reference, output_change, psnr,
                           sample_outputs, sampling_settings, save_reference)
 from cns.models import clip_tokenizer
@@ -237,7 +237,7 @@ def test_clip_without_its_tokenizer_files_is_a_cns_error(judge_paths, tmp_path):
 def test_judge_crop_follows_the_preprocessor_config(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(
         '{"crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256}, "image_mean": [0.5, 0.5, 0.5]}')
-    spec = _image_spec(tmp_path, 32, (0.0,) * 3, (1.0,) * 3)
+    spec = judge_image_spec(tmp_path, 32, (0.0,) * 3, (1.0,) * 3)
     assert (spec.size, spec.resize, spec.mean, spec.std) == (224, 256, (0.5,) * 3, (1.0,) * 3)
     image = Image.new("RGB", (512, 384), "white")
     image.paste((0, 0, 0), (0, 0, 60, 384))  # a black border that the 224-of-256 centre crop cuts off
