@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cns.config import CalibrationConfig
@@ -90,7 +91,11 @@ def cached_general_neurons(model: DiffusionModel, layers: list[KVLayer], config:
     prompts = load_calibration_prompts(config.prompts_file)
     path = cache_path(cache_dir, base_hash, prompts, config)
     if path.exists():
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+        except (OSError, SafetensorError) as exc:
+            raise CNSError(path, f"unreadable general-neuron cache ({exc}); delete it to recompute",
+                           "cache_invalid") from None
         return {layer.name: tensors[f"general/{layer.name}"].bool() for layer in layers}, path
     log.info("computing general neurons over %d calibration prompts (cached in %s)", len(prompts), path)
     mask, frequency = general_neurons(model, layers, prompts, config, weights)

@@ -44,8 +44,8 @@ class ScoringConfig:
     # Fraction of each layer's K/V rows kept as base neurons. 0.06 of SD-1.5's 24,960 rows of 768
     # weights is 1.15M weights = 0.134% of the UNet, the paper's reported ~0.13% per concept.
     base_ratio: float = 0.06
-    # (image, timestep, noise) draws whose gradients are summed before taking |.|; more draws give a
-    # steadier ranking, each costs one forward+backward.
+    # (image, timestep, noise) draws; |.| is taken per batch of score_batch_size draws and averaged
+    # over batches. More draws give a steadier ranking; each batch costs one forward+backward.
     num_score_samples: int = 16
     score_batch_size: int = 4
 

@@ -7,7 +7,7 @@ Both are safetensors (never pickle). Applying a delta copies its rows into the w
 from __future__ import annotations
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cns.errors import CNSError
@@ -36,7 +36,7 @@ def load_delta(path) -> tuple[dict[str, RowDelta], str, torch.Tensor, dict[str, 
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise CNSError(path, f"not a readable delta ({exc})", "delta_invalid") from None
     if metadata.get("format") != DELTA_FORMAT or "token" not in metadata:
         raise CNSError(path, f"not a {DELTA_FORMAT} file", "delta_invalid")
@@ -89,7 +89,7 @@ def load_masks(path) -> tuple[dict[str, Mask], dict[str, torch.Tensor]]:
     """Returns ({kind: mask}, scores); kinds are concept, base, general, owned."""
     try:
         tensors = load_file(str(path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise CNSError(path, f"not a readable mask file ({exc})", "mask_invalid") from None
     masks: dict[str, Mask] = {kind: {} for kind in MASK_KINDS}
     scores = {}

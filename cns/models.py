@@ -14,10 +14,17 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from cns.errors import CNSError
+# transformers warns on import that its image processors fall back to PIL without torchvision;
+# this project uses none of them and installs no torchvision on purpose.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+from diffusers import (  # noqa: E402
+    AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from cns.errors import CNSError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +134,9 @@ def load_pretrained(name_or_path: str, revision: str | None = None) -> Diffusion
     except (OSError, ValueError) as exc:
         raise CNSError(name_or_path, f"cannot load as a Stable Diffusion model ({str(exc).splitlines()[0]})",
                        "model_invalid") from None
+    if len(model.tokenizer) != model.text_encoder.config.vocab_size:
+        raise CNSError(name_or_path, f"tokenizer holds {len(model.tokenizer)} tokens but the text encoder "
+                       f"{model.text_encoder.config.vocab_size}: tokenizer files missing or wrong", "model_invalid")
     model.freeze()
     return model
 

@@ -18,7 +18,10 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
         from tasks import stack_cli
     except ImportError:  # pipeline extras not installed: library commands still work
         return
+    from flows import commands
+
     stack_cli.add_commands(sub)
+    commands.add_commands(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # transformers warns on import that its image processors fall back to PIL without torchvision;
-    # this project never uses them and deliberately installs no torchvision.
-    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     try:
         return args.func(args) or 0
     except CNSError as exc:

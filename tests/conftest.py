@@ -15,6 +15,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+# The test processes share 2 cores with the stack's servers: one torch thread avoids OpenMP threads
+# spinning against each other (sampling took 10 s with two threads under load, 0.5 s with one).
+torch.set_num_threads(1)
+
 from cns.config import config_from_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
