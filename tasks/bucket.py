@@ -47,6 +47,7 @@ class S3Object:
     key: str
     etag: str
     size: int
+    last_modified: str = ""  # ISO 8601 from the listing
 
 
 @dataclass
@@ -65,6 +66,11 @@ class Dataset:
     @property
     def ready(self) -> bool:
         return any(_name(self, o) == MANIFEST for o in self.objects)
+
+    @property
+    def ready_at(self) -> str:
+        """When the manifest landed (ISO 8601; "" while not ready): the order datasets are learned in."""
+        return next((o.last_modified for o in self.objects if _name(self, o) == MANIFEST), "")
 
     @property
     def files(self) -> list[S3Object]:
@@ -94,8 +100,8 @@ def _uri(bucket: str, key: str) -> str:
 def list_objects(s3, bucket: str, prefix: str):
     """Every object under ``prefix``, one paginated ListObjectsV2 (1,000 keys per request)."""
     try:
-        for key, etag, size in s3_list_objects(s3, bucket, prefix):
-            yield S3Object(key, etag, size)
+        for key, etag, size, modified in s3_list_objects(s3, bucket, prefix):
+            yield S3Object(key, etag, size, modified)
     except client_errors() as exc:
         raise describe_error(exc, _uri(bucket, prefix)) from None
 

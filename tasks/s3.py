@@ -84,8 +84,8 @@ def describe_error(exc: Exception, what: str) -> S3Error:
     return S3Error(what, f"S3 request failed ({exc})")
 
 
-def list_objects(s3, bucket: str, prefix: str) -> Iterator[tuple[str, str, int]]:
-    """(key, ETag without quotes, size) of every object under ``prefix``, one paginated
+def list_objects(s3, bucket: str, prefix: str) -> Iterator[tuple[str, str, int, str]]:
+    """(key, ETag without quotes, size, LastModified as ISO text) of every object under ``prefix``, one paginated
     ListObjectsV2 (1,000 keys a page).
 
     botocore's generic XML parser spends ~0.2 s per 1,000 keys on shape handling, more than the
@@ -108,7 +108,7 @@ def _parse_contents(response_dict, customized_response_dict, **_) -> None:
     for item in root.findall(f"{ns}Contents"):
         key = item.findtext(f"{ns}Key")
         contents.append((unquote_plus(key) if encoded else key, item.findtext(f"{ns}ETag").strip('"'),
-                         int(item.findtext(f"{ns}Size"))))
+                         int(item.findtext(f"{ns}Size")), item.findtext(f"{ns}LastModified") or ""))
         root.remove(item)
     customized_response_dict["CnsContents"] = contents
     response_dict["body"] = ET.tostring(root)

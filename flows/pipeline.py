@@ -1,0 +1,122 @@
+"""The pipeline's flows: the bucket is watched, each ready dataset is learned once into the
+cumulative model, and every night every concept so far is checked again.
+
+    watch        ready datasets in the bucket, oldest first -> personalize each
+    personalize  recover -> fetch + validate -> prepare -> score -> select -> finetune
+                 -> write version -> evaluate -> log to MLflow -> dvc push -> git tag -> register
+    nightly      watch, then evaluate every concept and log the forgetting report
+"""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from tasks import learning as t
+from tasks import tracking
+from tasks.versioning import Workspace, open_workspace
+
+
+@flow(name="personalize", flow_run_name="personalize-{concept}")
+def personalize(concept: str, workspace: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Learn one dataset (``incoming/<concept>/``) into the workspace's model, exactly once."""
+    ws = open_workspace(workspace)
+    config = ws.config(overrides)
+    with t.lineage_lock(ws, config):
+        t.recover(ws, config)
+        found = [d for d in t.find_datasets(ws, config, concept) if d.concept == concept]
+        if not found or found[0].state != "pending":
+            return {"concept": concept, "outcome": found[0].state if found else "absent"}
+        return _learn(ws, config, found[0])
+
+
+def _learn(ws: Workspace, config, dataset) -> dict:
+    """The steps of one version; the caller holds the lineage lock."""
+    logger = get_run_logger()
+    concept = t.fetch_dataset(ws, config, dataset)
+    if concept is None:
+        logger.warning("rejected %s (see rejected/%s/ in the bucket)", dataset.concept, dataset.concept)
+        return {"concept": dataset.concept, "outcome": "rejected"}
+    model = t.load_model(ws, config)
+    version = model.lineage.version + 1
+    run_id = tracking.start_concept_run(
+        config, concept=concept.name, token=concept.token, class_noun=concept.class_noun,
+        dataset_hash=dataset.hash, dataset_uri=f"s3://{t.s3.bucket_name()}/incoming/{dataset.concept}/",
+        version=version, base=config.model.pretrained_model_name_or_path)
+    try:
+        prepared = t.prepare_concept(model, concept, config)
+        general = t.general_neurons(model, config)
+        scores = t.score_neurons(model, prepared, config)
+        selection, select_seconds = t.select_neurons(model, scores, general, config)
+        result = t.finetune(model, prepared, selection, config)
+        record = t.write_version(model, prepared, selection, scores, result, dataset.hash, config)
+        evaluation = t.evaluate(ws, model, config)
+        t.log_run(ws, config, run_id, record, prepared, result, select_seconds, evaluation)
+        t.push_version(ws, record)
+        versioned = t.tag_version(ws, record)
+    except BaseException:
+        # The in-memory model may hold half a concept; the next pass rolls the disk back.
+        t.drop_model(ws)
+        raise
+    registry_version = t.register(ws, config, run_id, record, versioned)
+    logger.info("learned %s as model v%d (%s, registry version %s)", concept.name, record.version,
+                versioned["tag"], registry_version)
+    return {"concept": concept.name, "outcome": "learned", "version": record.version, "run_id": run_id,
+            "tag": versioned["tag"], "registry_version": registry_version}
+
+
+@flow(name="watch")
+def watch(workspace: str | None = None, overrides: list[str] | None = None) -> list[dict]:
+    """One pass over the bucket: learn every pending dataset, oldest manifest first."""
+    ws = open_workspace(workspace)
+    config = ws.config(overrides)
+    outcomes = []
+    with t.lineage_lock(ws, config):
+        t.recover(ws, config)
+        pending = [d for d in t.find_datasets(ws, config) if d.state == "pending"]
+        get_run_logger().info("%d pending dataset(s): %s", len(pending), ", ".join(d.concept for d in pending))
+        for dataset in pending:
+            outcomes.append(_learn(ws, config, dataset))
+    return outcomes
+
+
+@flow(name="nightly")
+def nightly(workspace: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Learn whatever is pending, then re-check every concept so far: an MLflow run with every
+    concept's metrics, samples and the forgetting matrix."""
+    learned = watch(workspace, overrides)
+    ws = open_workspace(workspace)
+    config = ws.config(overrides)
+    with t.lineage_lock(ws, config):
+        model = t.load_model(ws, config)
+        evaluation = t.evaluate(ws, model, config, write=False)
+    report = log_nightly(ws, config, evaluation)
+    return {"learned": learned, **report}
+
+
+def log_nightly(ws: Workspace, config, evaluation) -> dict:
+    from cns.report import forgetting_matrix, write_metrics
+    from tasks import plots
+
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    run_id = tracking.start_report_run(config, f"nightly {day} (model v{evaluation.version})", evaluation.version)
+    tracking.log_metrics(run_id, evaluation.flat_metrics())
+    with tempfile.TemporaryDirectory(prefix="cns-nightly-") as tmp:
+        out = Path(tmp)
+        # The history so far plus tonight's row, as the matrix of output change per concept.
+        history = out / "forgetting"
+        if (ws.metrics_dir / "forgetting.csv").exists():
+            history.mkdir()
+            (history / "forgetting.csv").write_bytes((ws.metrics_dir / "forgetting.csv").read_bytes())
+        tonight = write_metrics(evaluation, history)
+        matrix = forgetting_matrix(tonight["forgetting"])
+        matrix.to_csv(history / "forgetting_matrix.csv")
+        plots.forgetting_heatmap(matrix, history / "forgetting.png", title=f"output change since learned ({day})")
+        for name, samples in evaluation.samples.items():
+            plots.save_grid(samples, out / "samples" / f"{name}.png", per_row=config.evaluate.num_images_per_prompt)
+        tracking.log_artifacts(run_id, {p.name: p for p in out.iterdir()})
+    tracking.finish_report_run(run_id)
+    return {"run_id": run_id, "version": evaluation.version, "concepts": list(evaluation.metrics)}

@@ -1,0 +1,43 @@
+"""Deployments and schedules, declared in one place.
+
+``cns serve`` serves ``watch`` (interval), ``nightly`` (cron) and ``personalize`` (run on demand,
+e.g. from the UI with a concept name) from this process against the Prefect server in
+``PREFECT_API_URL``. For a GPU machine, ``prefect.yaml`` deploys ``personalize`` to a work pool
+instead (see README, "GPU workers").
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from cns.config import Config
+from flows.pipeline import nightly, personalize, watch
+from tasks.learning import ensure_limits
+
+
+def schedule_settings(config: Config) -> tuple[int, str, str]:
+    """(watch interval s, nightly cron, timezone): params.yaml, overridden by the environment."""
+    interval = int(os.environ.get("CNS_WATCH_INTERVAL") or config.pipeline.watch_interval_seconds)
+    cron = os.environ.get("CNS_NIGHTLY_CRON") or config.pipeline.nightly_cron
+    return interval, cron, config.pipeline.timezone
+
+
+def deployments(config: Config, workspace: str) -> list:
+    interval, cron, tz = schedule_settings(config)
+    params = {"workspace": workspace}
+    return [
+        watch.to_deployment(name="watch", interval=timedelta(seconds=interval), parameters=params,
+                            description="Learn every ready dataset in the bucket, oldest first"),
+        nightly.to_deployment(name="nightly", cron=cron, timezone=tz, parameters=params,
+                              description="Learn what is pending; re-check every concept (forgetting report)"),
+        personalize.to_deployment(name="personalize", parameters=params,
+                                  description="Learn one dataset: incoming/<concept>/"),
+    ]
+
+
+def serve_all(config: Config, workspace: str) -> None:
+    from prefect import serve
+
+    ensure_limits(config)
+    serve(*deployments(config, workspace))

@@ -1,0 +1,293 @@
+"""Prefect tasks that learn one dataset: each a thin adapter around one ``cns`` step.
+
+One flow run loads the model once: :func:`load_model` keeps the cumulative model of a workspace
+in this process and hands the same object to every task (tasks pass references and small
+results, the model stays where it is). A failed or rolled-back version drops it, so the next use
+reloads exactly what is on disk. Scoring and finetuning are tagged ``gpu``; a tag concurrency
+limit bounds how many run at once, and :func:`lineage_lock` serializes writes to one lineage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from cns.concept import Concept, ConceptError, load_concept
+from cns.config import Config
+from cns.cumulative import CumulativeModel, open_model
+from cns.evaluate import load_judges
+from cns import learn as steps
+from cns.lineage import ConceptRecord, read_lineage
+from cns.report import ModelEvaluation, evaluate_model, write_metrics
+from tasks import bucket, s3, tracking, versioning
+from tasks.versioning import Workspace
+
+log = logging.getLogger(__name__)
+
+GPU_TAG = "gpu"
+_SESSIONS: dict[Path, CumulativeModel] = {}
+step_task = task(cache_policy=NO_CACHE)  # in-memory objects as inputs: nothing to cache or hash
+
+
+# ---- concurrency ------------------------------------------------------------------------------
+
+def lock_name(config: Config) -> str:
+    return f"cns-lineage-{config.pipeline.model_name}"
+
+
+def ensure_limits(config: Config) -> bool:
+    """Create the lineage lock (1 slot) and the ``gpu`` tag limit on the Prefect server, if any."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_global_concurrency_limit_by_name(lock_name(config))
+            except ObjectNotFound:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=lock_name(config), limit=1))
+            client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=config.pipeline.gpu_task_concurrency)
+    except (OSError, RuntimeError) as exc:  # no server reachable: the file lock still serializes
+        log.warning("could not set Prefect concurrency limits: %s", exc)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def lineage_lock(ws: Workspace, config: Config, timeout_seconds: float | None = None):
+    """One writer per lineage: a file lock (any process on this machine, with or without a
+    Prefect server) inside the Prefect global concurrency limit (workers sharing a server)."""
+    from prefect.concurrency.sync import concurrency
+
+    with open(ws.root / ".cns.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            with concurrency(lock_name(config), occupy=1, timeout_seconds=timeout_seconds):
+                yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---- the model of this flow run ---------------------------------------------------------------
+
+@step_task(name="load-model")
+def load_model(ws: Workspace, config: Config) -> CumulativeModel:
+    """The workspace's model, loaded once per process and version."""
+    lineage = read_lineage(ws.model_dir)
+    version = lineage.version if lineage else 0
+    cached = _SESSIONS.get(ws.root)
+    if cached is not None and cached.lineage.version == version:
+        return cached
+    _SESSIONS[ws.root] = open_model(ws.model_dir, config)
+    return _SESSIONS[ws.root]
+
+
+def drop_model(ws: Workspace) -> None:
+    _SESSIONS.pop(ws.root, None)
+
+
+@step_task(name="recover-workspace")
+def recover(ws: Workspace, config: Config) -> dict:
+    """Finish or undo what a crashed run left: roll back an uncommitted model version, complete
+    the MLflow run and registry version of a committed one, mark the others rolled back."""
+    thrown = versioning.rollback_uncommitted(ws)
+    if thrown is not None:
+        drop_model(ws)
+    committed = versioning.last_version(ws)
+    completed, rolled_back = [], []
+    for run in tracking.unfinished_runs(config):
+        version = int(run.data.tags.get(tracking.VERSION, 0))
+        if 0 < version <= committed:
+            tracking.register_version(config, run.info.run_id, version, version_tags(ws, version))
+            completed.append(version)
+        else:
+            tracking.mark_rolled_back(run.info.run_id, "the process stopped before the version was committed")
+            rolled_back.append(run.info.run_id)
+    return {"rolled_back_version": thrown, "completed": completed, "failed_runs": rolled_back}
+
+
+def version_tags(ws: Workspace, version: int) -> dict[str, str]:
+    tag = f"{versioning.TAG_PREFIX}{version}"
+    return {"git_tag": tag, "workspace_commit": versioning.git(ws, "rev-list", "-n", "1", tag),
+            "dvc_hash": versioning.dvc_hash(ws) or ""}
+
+
+# ---- the bucket -------------------------------------------------------------------------------
+
+@task(name="find-datasets", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def find_datasets(ws: Workspace, config: Config, concept: str | None = None) -> list[bucket.Dataset]:
+    """Ready datasets with their states (learned per the workspace's lineage), oldest first."""
+    client = s3.client()
+    name = s3.bucket_name()
+    datasets = bucket.scan(client, name, limits=config.limits, lineage=read_lineage(ws.model_dir),
+                           cache=bucket.HashCache(bucket.default_cache_path(client, name)), concept=concept)
+    return sorted((d for d in datasets if d.ready), key=lambda d: (d.ready_at or "", d.concept))
+
+
+@task(name="fetch-dataset", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def fetch_dataset(ws: Workspace, config: Config, dataset: bucket.Dataset) -> Concept | None:
+    """Download and validate into ``data/concepts/<name>``; a bad dataset is rejected (its
+    ``error.json`` written) and None returned, with nothing else changed."""
+    client = s3.client()
+    name = s3.bucket_name()
+    ws.concepts_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=ws.concepts_dir) as tmp:
+        try:
+            concept = bucket.validate(client, name, dataset, Path(tmp), limits=config.limits,
+                                      lineage=read_lineage(ws.model_dir))
+        except ConceptError as exc:
+            bucket.reject(client, name, dataset, exc)
+            return None
+        target = ws.concepts_dir / concept.name
+        if target.exists():  # left by an attempt that was rolled back
+            shutil.rmtree(target)
+        Path(tmp, dataset.concept).rename(target)
+    return load_concept(target, config.limits)
+
+
+# ---- the method ---------------------------------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@step_task(name="prepare-concept")
+def prepare_concept(model: CumulativeModel, concept: Concept, config: Config) -> steps.PreparedConcept:
+    return steps.prepare(model, concept, config)
+
+
+@step_task(name="general-neurons")
+def general_neurons(model: CumulativeModel, config: Config):
+    return steps.general(model, config)[0]
+
+
+@step_task(name="score-neurons", tags=[GPU_TAG])
+def score_neurons(model: CumulativeModel, prepared: steps.PreparedConcept, config: Config):
+    scores = steps.score(model, prepared, config, progress=False)
+    prepared.timings["score_peak_rss_mb"] = peak_rss_mb()
+    return scores
+
+
+@step_task(name="select-neurons")
+def select_neurons(model: CumulativeModel, scores, general, config: Config):
+    start = time.perf_counter()
+    selection = steps.select(model, scores, general, config)
+    return selection, time.perf_counter() - start
+
+
+@step_task(name="finetune", tags=[GPU_TAG])
+def finetune(model: CumulativeModel, prepared: steps.PreparedConcept, selection, config: Config):
+    result = steps.train(model, prepared, selection, config, progress=False)
+    prepared.timings["train_peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+@step_task(name="write-version")
+def write_version(model: CumulativeModel, prepared: steps.PreparedConcept, selection, scores, result,
+                  dataset_hash: str, config: Config) -> ConceptRecord:
+    """The concept's files and the new lineage in ``data/model`` (not yet committed)."""
+    reference = steps.reference_samples(model, prepared, config)
+    return steps.commit(model, prepared, selection, scores, result, dataset_hash, config, reference)
+
+
+@step_task(name="evaluate-model")
+def evaluate(ws: Workspace, model: CumulativeModel, config: Config, write: bool = True) -> ModelEvaluation:
+    """Every concept's metrics at this version; written to ``metrics/`` when ``write``."""
+    evaluation = evaluate_model(model, config, load_judges(config.evaluate, model.model.device), ws.concepts_dir)
+    if write:
+        write_metrics(evaluation, ws.metrics_dir)
+    return evaluation
+
+
+# ---- tracking -----------------------------------------------------------------------------------
+
+def version_metrics(record: ConceptRecord, prepared: steps.PreparedConcept, result, select_seconds: float) -> dict:
+    from cns.info import short_layer_name
+
+    s = record.stats
+    metrics = {
+        "neurons/total": s["neurons_total"], "neurons/overlap_with_earlier": s["overlap_with_earlier"],
+        "weights/changed": s["weights_changed"], "weights/percent_unet": s["percent_unet_weights"],
+        "weights/percent_kv_rows": s["percent_kv_rows"], "delta/bytes": s["delta_bytes"],
+        **{f"selection/{k}": v for k, v in s["selection"].items()},
+        **{f"neurons/layer/{short_layer_name(k)}": v for k, v in s["neurons_per_layer"].items()},
+        "train/trainable_parameters": result.trainable_parameters,
+        "train/optimizer_state_bytes": result.optimizer_state_bytes,
+        "time/select_s": select_seconds,
+    }
+    for key, value in prepared.timings.items():
+        metrics[f"memory/{key[:-3]}" if key.endswith("_mb") else f"time/{key}_s"] = value
+    if result.peak_memory_bytes is not None:
+        metrics["memory/train_peak_gpu_mb"] = result.peak_memory_bytes / 2**20
+    return metrics
+
+
+@task(name="log-run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, prepared: steps.PreparedConcept,
+            result, select_seconds: float, evaluation: ModelEvaluation) -> None:
+    """Metrics, the loss curve and every artifact a reviewer needs, to the concept's MLflow run."""
+    import json
+
+    from cns.delta import load_masks
+    from cns.report import forgetting_matrix
+    from tasks import plots
+
+    tracking.log_metrics(run_id, {**version_metrics(record, prepared, result, select_seconds),
+                                  **evaluation.flat_metrics()})
+    tracking.log_series(run_id, "train/loss", result.losses)
+    tracking.set_tags(run_id, {f"eval.{name}.{k}": v for name, m in evaluation.metrics.items()
+                               for k, v in m.items() if not isinstance(v, (int, float))})
+    concept_dir = ws.model_dir / "concepts" / record.name
+    with tempfile.TemporaryDirectory(prefix="cns-artifacts-") as tmp:
+        out = Path(tmp)
+        (out / "neurons").mkdir()
+        shutil.copy(concept_dir / "mask.safetensors", out / "neurons" / "mask.safetensors")
+        summary = {k: record.stats[k] for k in ("neurons_total", "neurons_per_layer", "overlap_with_earlier",
+                                                  "weights_changed", "percent_unet_weights", "selection")}
+        (out / "neurons" / "neurons.json").write_text(json.dumps(summary, indent=2))
+        plots.mask_heatmap(load_masks(concept_dir / "mask.safetensors")[0], out / "neurons" / "neurons.png",
+                           title=f"v{record.version} {record.name}: selected neurons per layer")
+        (out / "delta").mkdir()
+        shutil.copy(concept_dir / "delta.safetensors", out / "delta" / "delta.safetensors")
+        for name, samples in evaluation.samples.items():
+            plots.save_grid(samples, out / "samples" / f"{name}.png", per_row=config.evaluate.num_images_per_prompt)
+        (out / "forgetting").mkdir()
+        shutil.copy(ws.metrics_dir / "forgetting.csv", out / "forgetting" / "forgetting.csv")
+        shutil.copy(ws.metrics_dir / "eval.json", out / "forgetting" / "eval.json")
+        matrix = forgetting_matrix(ws.metrics_dir / "forgetting.csv")
+        matrix.to_csv(out / "forgetting" / "forgetting_matrix.csv")
+        plots.forgetting_heatmap(matrix, out / "forgetting" / "forgetting.png")
+        plots.loss_curve(result.losses, out / "loss.png", title=f"training loss: {record.name}")
+        (out / "model").mkdir()
+        shutil.copy(ws.model_dir / "lineage.json", out / "model" / "lineage.json")
+        (out / "model" / "README.md").write_text(
+            f"Model version {record.version} ({record.name}). The weights are versioned with DVC: in the "
+            f"workspace, `git checkout {versioning.TAG_PREFIX}{record.version} && dvc pull`.\n")
+        tracking.log_artifacts(run_id, {p.name: p for p in out.iterdir()})
+
+
+@task(name="push-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def push_version(ws: Workspace, record: ConceptRecord) -> None:
+    versioning.add_and_push(ws, record)
+
+
+@step_task(name="tag-version")
+def tag_version(ws: Workspace, record: ConceptRecord) -> dict[str, str]:
+    return versioning.commit_and_tag(ws, record)
+
+
+@task(name="register-version", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def register(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, versioned: dict[str, str]) -> str:
+    tracking.set_tags(run_id, {"cns.git_tag": versioned["tag"], "cns.workspace_commit": versioned["commit"],
+                               "cns.dvc_hash": versioned["dvc_hash"]})
+    return tracking.register_version(config, run_id, record.version, version_tags(ws, record.version))

@@ -1,0 +1,185 @@
+"""MLflow: one experiment per model lineage, one run per learned concept, one registered model
+version per model version (tracking URI and credentials from the environment).
+
+A run is tagged ``cns.state``: ``running`` while its concept is learned, ``complete`` once its
+model version is committed and registered, ``rolled_back`` when a crash threw its version away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from cns.config import Config
+from tasks.versioning import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+STATE = "cns.state"
+VERSION = "cns.model_version"
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"train.learning_rate": "0.0001", ...} (MLflow params are strings)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return out
+
+
+def experiment_id(name: str) -> str:
+    client = _client()
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def code_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+def prefect_tags() -> dict[str, str]:
+    """The Prefect flow run this code runs in (id and UI link), when there is one."""
+    try:
+        from prefect.runtime import flow_run
+    except ImportError:
+        return {}
+    tags = {}
+    if flow_run.id:
+        tags["prefect.flow_run_id"] = str(flow_run.id)
+        tags["prefect.flow_run_name"] = str(flow_run.name)
+        if flow_run.ui_url:
+            tags["prefect.flow_run_url"] = str(flow_run.ui_url)
+    return tags
+
+
+def start_concept_run(config: Config, *, concept: str, token: str, class_noun: str, dataset_hash: str,
+                      dataset_uri: str, version: int, base: str) -> str:
+    client = _client()
+    tags = {STATE: "running", VERSION: str(version), "cns.concept": concept, "cns.dataset_hash": dataset_hash,
+            "git.commit": code_commit(), "mlflow.runName": f"v{version} {concept}", **prefect_tags()}
+    run = client.create_run(experiment_id(config.pipeline.model_name), tags=tags)
+    params = flatten(config.to_dict())
+    params.update({"concept.name": concept, "concept.token": token, "concept.class_noun": class_noun,
+                   "dataset.hash": dataset_hash, "dataset.uri": dataset_uri, "base_model": base})
+    params.pop("model_dir", None)
+    params.pop("cache_dir", None)
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    for i in range(0, len(items), 500):
+        _client().log_batch(run_id, metrics=items[i:i + 500])
+
+
+def log_series(run_id: str, key: str, values: list[float]) -> None:
+    """A metric over steps (e.g. the training loss), in batches."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(key, float(v), now, step) for step, v in enumerate(values)]
+    for i in range(0, len(items), 500):
+        _client().log_batch(run_id, metrics=items[i:i + 500])
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    client = _client()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def log_artifacts(run_id: str, files: dict[str, Path]) -> None:
+    """{artifact sub-folder: local file or folder} -> the run's artifacts."""
+    client = _client()
+    for folder, path in files.items():
+        path = Path(path)
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), folder)
+        else:
+            client.log_artifact(run_id, str(path), folder or None)
+
+
+def register_version(config: Config, run_id: str, version: int, tags: dict[str, str]) -> str:
+    """The run's model version in the registry (created once), aliased, run marked complete."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    name = config.pipeline.model_name
+    try:
+        client.create_registered_model(name, description="Cumulative CNS model: base + one sparse delta per concept. "
+                                                         "Restore with `git checkout model-vN && dvc pull`.")
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if existing:
+        model_version = existing[0].version
+    else:
+        model_version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
+                                                    tags={"model_version": str(version), **tags}).version
+    client.set_registered_model_alias(name, config.pipeline.registry_alias, model_version)
+    client.set_tag(run_id, STATE, "complete")
+    client.set_terminated(run_id, "FINISHED")
+    return str(model_version)
+
+
+def unfinished_runs(config: Config) -> list:
+    client = _client()
+    experiment = client.get_experiment_by_name(config.pipeline.model_name)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], f"tags.`{STATE}` = 'running'")
+
+
+def mark_rolled_back(run_id: str, reason: str) -> None:
+    client = _client()
+    client.set_tag(run_id, STATE, "rolled_back")
+    client.set_tag(run_id, "cns.rollback_reason", reason)
+    client.set_terminated(run_id, "FAILED")
+
+
+def concept_runs(config: Config) -> list:
+    """Complete concept runs, newest version first."""
+    client = _client()
+    experiment = client.get_experiment_by_name(config.pipeline.model_name)
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{STATE}` = 'complete'")
+    return sorted(runs, key=lambda r: -int(r.data.tags.get(VERSION, 0)))
+
+
+def start_report_run(config: Config, name: str, version: int) -> str:
+    """A run for a report on the model (the nightly re-check), beside the concept runs."""
+    tags = {"cns.kind": "nightly", VERSION: str(version), "git.commit": code_commit(), "mlflow.runName": name,
+            **prefect_tags()}
+    run = _client().create_run(experiment_id(config.pipeline.model_name), tags=tags)
+    return run.info.run_id
+
+
+def finish_report_run(run_id: str) -> None:
+    _client().set_terminated(run_id, "FINISHED")

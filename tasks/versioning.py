@@ -1,0 +1,212 @@
+"""The DVC workspace: a git repository with ``dvc.yaml``, ``params.yaml`` and ``data/``, in which
+every learned concept is one model version (``dvc add``, ``git commit``, tag ``model-vN``,
+``dvc push`` to an S3 remote in the same bucket).
+
+A version is committed only after its data is pushed, so a tag always points at data the remote
+has. Anything written after the last tag (a crash mid-version) is rolled back by
+:func:`rollback_uncommitted` before the next pass. Paths given to DVC are absolute or resolved
+inside :func:`dvc_repo`, because DVC's Python API resolves paths against the current directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cns.config import Config, load_config
+from cns.errors import CNSError
+from cns.lineage import ConceptRecord, read_lineage
+from tasks.s3 import bucket_name, endpoint_url
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TAG_PREFIX = "model-v"
+REMOTE = "storage"
+METRICS = "metrics"
+# What a version commits to git besides the .dvc files of the model and its dataset.
+TRACKED = ("data/model.dvc", "data/.gitignore", "data/concepts/.gitignore", "dvc.lock", METRICS)
+
+
+class WorkspaceError(CNSError):
+    code = "workspace_invalid"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "data" / "model"
+
+    @property
+    def concepts_dir(self) -> Path:
+        return self.root / "data" / "concepts"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / METRICS
+
+    def config(self, overrides: list[str] | None = None) -> Config:
+        """``params.yaml`` of the workspace, with its paths made absolute."""
+        config = load_config(self.root / "params.yaml", overrides)
+        config.model_dir = str(self.root / config.model_dir)
+        config.cache_dir = str(self.root / config.cache_dir)
+        return config
+
+
+def git(ws: Workspace, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(["git", *args], cwd=ws.root, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise WorkspaceError(ws.root, f"git {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}",
+                             "git_failed")
+    return proc.stdout.strip()
+
+
+@contextlib.contextmanager
+def dvc_repo(ws: Workspace):
+    from dvc.repo import Repo
+
+    previous = os.getcwd()
+    os.chdir(ws.root)
+    try:
+        with Repo(str(ws.root)) as repo:
+            yield repo
+    finally:
+        os.chdir(previous)
+
+
+def open_workspace(path: str | Path | None = None) -> Workspace:
+    """The workspace at ``path``, ``$CNS_WORKSPACE`` or the current directory (the checkout)."""
+    root = Path(path or os.environ.get("CNS_WORKSPACE") or ".").resolve()
+    for required in (".git", ".dvc", "dvc.yaml", "params.yaml"):
+        if not (root / required).exists():
+            raise WorkspaceError(root / required, "missing: not a cns workspace (create one with `cns init DIR`)",
+                                 "workspace_missing")
+    ws = Workspace(root)
+    configure_remote_endpoint(ws)
+    return ws
+
+
+def configure_remote_endpoint(ws: Workspace) -> None:
+    """Point the DVC remote at the S3 endpoint of the environment (kept out of git, in
+    ``.dvc/config.local``); with no endpoint set, DVC talks to AWS S3 itself."""
+    path = ws.root / ".dvc" / "config.local"
+    endpoint = endpoint_url()
+    text = f"['remote \"{REMOTE}\"']\n    endpointurl = {endpoint}\n" if endpoint else ""
+    if (path.read_text() if path.exists() else "") != text:
+        path.write_text(text)
+
+
+def init_workspace(directory: str | Path, bucket: str | None = None) -> Workspace:
+    """Create a workspace: git init, the project's ``params.yaml`` and ``dvc.yaml``, dvc init, an
+    S3 remote at ``s3://<bucket>/dvc``, and a first commit. An existing workspace is kept."""
+    root = Path(directory).resolve()
+    if (root / ".dvc").exists() and (root / ".git").exists():
+        return open_workspace(root)
+    if root.exists() and any(root.iterdir()):
+        raise WorkspaceError(root, "exists and is not empty; choose a new directory", "workspace_exists")
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    (root / ".gitignore").write_text("/outputs/\n")
+    ws = Workspace(root)
+    git(ws, "init", "-q", "-b", "main")
+    # Commits are made by the pipeline; a machine without a global git identity still needs one.
+    if not git(ws, "config", "user.email", check=False):
+        git(ws, "config", "user.email", "cns-pipeline@localhost")
+        git(ws, "config", "user.name", "cns-pipeline")
+    from dvc.repo import Repo
+
+    Repo.init(str(root)).close()
+    with dvc_repo(ws) as repo:
+        with repo.config.edit() as conf:
+            conf["remote"][REMOTE] = {"url": f"s3://{bucket or bucket_name()}/dvc"}
+            conf["core"]["remote"] = REMOTE
+            conf["core"]["analytics"] = False
+    configure_remote_endpoint(ws)
+    git(ws, "add", "-A")
+    git(ws, "commit", "-q", "-m", "workspace: init")
+    return ws
+
+
+def last_version(ws: Workspace) -> int:
+    tags = git(ws, "tag", "--list", f"{TAG_PREFIX}*").split()
+    numbers = [int(m.group(1)) for t in tags if (m := re.fullmatch(rf"{TAG_PREFIX}(\d+)", t))]
+    return max(numbers, default=0)
+
+
+def dvc_hash(ws: Workspace, dvc_file: str = "data/model.dvc") -> str | None:
+    path = ws.root / dvc_file
+    if not path.exists():
+        return None
+    return yaml.safe_load(path.read_text())["outs"][0]["md5"]
+
+
+def add_and_push(ws: Workspace, record: ConceptRecord) -> None:
+    """dvc add the model and the concept's dataset, record the in-process metrics as the
+    ``evaluate`` stage's outputs, and push everything to the remote (idempotent)."""
+    with dvc_repo(ws) as repo:
+        repo.add(["data/model", f"data/concepts/{record.name}"])
+        if (ws.metrics_dir / "eval.json").exists():
+            repo.commit("evaluate", force=True)
+        if (ws.root / "data" / "cache").exists():
+            repo.commit("calibrate", force=True)
+        repo.push()
+
+
+def commit_and_tag(ws: Workspace, record: ConceptRecord) -> dict[str, str]:
+    """git commit "model vN: learn <concept>" and tag ``model-vN``: the version exists from here."""
+    paths = [p for p in (*TRACKED, f"data/concepts/{record.name}.dvc") if (ws.root / p).exists()]
+    git(ws, "add", "--", *paths)
+    tag = f"{TAG_PREFIX}{record.version}"
+    git(ws, "commit", "-q", "-m", f"model v{record.version}: learn {record.name}", "--", *paths)
+    git(ws, "tag", tag)
+    return {"commit": git(ws, "rev-parse", "HEAD"), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
+
+
+def rollback_uncommitted(ws: Workspace) -> int | None:
+    """Restore the model, datasets and metrics to the last tagged version.
+
+    Returns the lineage version that was thrown away, or None when the workspace was clean. A
+    crash mid-version leaves at most: a new concept folder and lineage in ``data/model``, a new
+    dataset folder, new or changed ``.dvc`` files, ``dvc.lock`` and metrics.
+    """
+    committed = last_version(ws)
+    lineage = read_lineage(ws.model_dir)
+    current = lineage.version if lineage else 0
+    tracked = [p for p in (*TRACKED, "data/concepts") if git(ws, "ls-files", "--", p)]
+    dirty = git(ws, "status", "--porcelain", "--", "data/model.dvc", "data/concepts", "dvc.lock", METRICS)
+    if current == committed and not dirty:
+        return None
+    log.warning("rolling back an unfinished model version (lineage v%d, last tag v%d)", current, committed)
+    if tracked:
+        git(ws, "checkout", "HEAD", "--", *tracked)
+    git(ws, "clean", "-fdq", "--", "data/concepts", METRICS, check=False)
+    tracked_dvc = set(git(ws, "ls-files", "--", "data/concepts").split())
+    if ws.concepts_dir.exists():
+        for folder in ws.concepts_dir.iterdir():
+            if folder.is_dir() and f"data/concepts/{folder.name}.dvc" not in tracked_dvc:
+                shutil.rmtree(folder)
+    if (ws.root / "data/model.dvc").exists():
+        with dvc_repo(ws) as repo:
+            repo.checkout(targets=["data/model.dvc"], force=True)
+    elif ws.model_dir.exists():
+        shutil.rmtree(ws.model_dir)
+    return current
+
+
+def restore_version(ws: Workspace, version: int) -> None:
+    """Check out tag ``model-vN`` and its data (``git checkout`` + ``dvc pull``)."""
+    git(ws, "checkout", "-q", f"{TAG_PREFIX}{version}")
+    with dvc_repo(ws) as repo:
+        repo.pull(force=True)
