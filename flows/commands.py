@@ -28,21 +28,21 @@ def cmd_init(args) -> int:
 def cmd_run_once(args) -> int:
     from flows.pipeline import watch
 
-    _print(watch(str(_workspace(args).root), args.set))
+    _print(watch(str(_workspace(args).root)))
     return 0
 
 
 def cmd_personalize(args) -> int:
     from flows.pipeline import personalize
 
-    _print(personalize(args.concept, str(_workspace(args).root), args.set))
+    _print(personalize(args.concept, str(_workspace(args).root)))
     return 0
 
 
 def cmd_nightly(args) -> int:
     from flows.pipeline import nightly
 
-    _print(nightly(str(_workspace(args).root), args.set))
+    _print(nightly(str(_workspace(args).root)))
     return 0
 
 
@@ -50,7 +50,7 @@ def cmd_serve(args) -> int:
     from flows.serve import schedule_settings, serve_all
 
     ws = _workspace(args)
-    config = ws.config(args.set)
+    config = ws.config()
     interval, cron, tz = schedule_settings(config)
     print(f"serving watch (every {interval}s), nightly ({cron} {tz}) and personalize for {ws.root}")
     serve_all(config, str(ws.root))
@@ -60,8 +60,6 @@ def cmd_serve(args) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--workspace", help="the DVC workspace (default: $CNS_WORKSPACE or the current directory)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a value of the workspace's params.yaml")
 
     p = sub.add_parser("init", help="create a workspace: git + DVC with an S3 remote in the bucket")
     p.add_argument("directory")

@@ -5,6 +5,9 @@ cumulative model, and every night every concept so far is checked again.
     personalize  recover -> fetch + validate -> prepare -> score -> select -> finetune
                  -> write version -> evaluate -> log to MLflow -> dvc push -> git tag -> register
     nightly      watch, then evaluate every concept and log the forgetting report
+
+Every setting comes from the workspace's ``params.yaml`` (committed with each version), never from
+flow parameters: a model version and its recorded parameters cannot disagree.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from tasks.versioning import Workspace, open_workspace
 
 
 @flow(name="personalize", flow_run_name="personalize-{concept}")
-def personalize(concept: str, workspace: str | None = None, overrides: list[str] | None = None) -> dict:
+def personalize(concept: str, workspace: str | None = None) -> dict:
     """Learn one dataset (``incoming/<concept>/``) into the workspace's model, exactly once."""
     ws = open_workspace(workspace)
-    config = ws.config(overrides)
+    config = ws.config()
     with t.lineage_lock(ws, config):
         t.recover(ws, config)
         found = [d for d in t.find_datasets(ws, config, concept) if d.concept == concept]
@@ -69,10 +72,10 @@ def _learn(ws: Workspace, config, dataset) -> dict:
 
 
 @flow(name="watch")
-def watch(workspace: str | None = None, overrides: list[str] | None = None) -> list[dict]:
+def watch(workspace: str | None = None) -> list[dict]:
     """One pass over the bucket: learn every pending dataset, oldest manifest first."""
     ws = open_workspace(workspace)
-    config = ws.config(overrides)
+    config = ws.config()
     outcomes = []
     with t.lineage_lock(ws, config):
         t.recover(ws, config)
@@ -84,12 +87,12 @@ def watch(workspace: str | None = None, overrides: list[str] | None = None) -> l
 
 
 @flow(name="nightly")
-def nightly(workspace: str | None = None, overrides: list[str] | None = None) -> dict:
+def nightly(workspace: str | None = None) -> dict:
     """Learn whatever is pending, then re-check every concept so far: an MLflow run with every
     concept's metrics, samples and the forgetting matrix."""
-    learned = watch(workspace, overrides)
+    learned = watch(workspace)
     ws = open_workspace(workspace)
-    config = ws.config(overrides)
+    config = ws.config()
     with t.lineage_lock(ws, config):
         model = t.load_model(ws, config)
         evaluation = t.evaluate(ws, model, config, write=False)

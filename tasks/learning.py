@@ -72,7 +72,9 @@ def lineage_lock(ws: Workspace, config: Config, timeout_seconds: float | None = 
     with open(ws.root / ".cns.lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            with concurrency(lock_name(config), occupy=1, timeout_seconds=timeout_seconds):
+            # A 60 s lease (the shortest Prefect allows), renewed while held: a killed holder
+            # frees the lineage within about a minute.
+            with concurrency(lock_name(config), occupy=1, timeout_seconds=timeout_seconds, lease_duration=60):
                 yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

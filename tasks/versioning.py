@@ -33,7 +33,7 @@ TAG_PREFIX = "model-v"
 REMOTE = "storage"
 METRICS = "metrics"
 # What a version commits to git besides the .dvc files of the model and its dataset.
-TRACKED = ("data/model.dvc", "data/.gitignore", "data/concepts/.gitignore", "dvc.lock", METRICS)
+TRACKED = ("params.yaml", "data/model.dvc", "data/.gitignore", "data/concepts/.gitignore", "dvc.lock", METRICS)
 
 
 class WorkspaceError(CNSError):
@@ -76,6 +76,9 @@ def git(ws: Workspace, *args: str, check: bool = True) -> str:
 def dvc_repo(ws: Workspace):
     from dvc.repo import Repo
 
+    # DVC's INFO lines are instructions for an interactive user ("To track the changes with git,
+    # run: ..."); this module does those steps itself.
+    logging.getLogger("dvc").setLevel(logging.WARNING)
     previous = os.getcwd()
     os.chdir(ws.root)
     try:
@@ -118,7 +121,7 @@ def init_workspace(directory: str | Path, bucket: str | None = None) -> Workspac
     root.mkdir(parents=True, exist_ok=True)
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(PROJECT_ROOT / name, root / name)
-    (root / ".gitignore").write_text("/outputs/\n")
+    (root / ".gitignore").write_text("/outputs/\n/.cns.lock\n")
     ws = Workspace(root)
     git(ws, "init", "-q", "-b", "main")
     # Commits are made by the pipeline; a machine without a global git identity still needs one.
@@ -184,7 +187,8 @@ def rollback_uncommitted(ws: Workspace) -> int | None:
     committed = last_version(ws)
     lineage = read_lineage(ws.model_dir)
     current = lineage.version if lineage else 0
-    tracked = [p for p in (*TRACKED, "data/concepts") if git(ws, "ls-files", "--", p)]
+    # params.yaml is the user's: never reverted, only committed with the next version.
+    tracked = [p for p in (*TRACKED[1:], "data/concepts") if git(ws, "ls-files", "--", p)]
     dirty = git(ws, "status", "--porcelain", "--", "data/model.dvc", "data/concepts", "dvc.lock", METRICS)
     if current == committed and not dirty:
         return None
