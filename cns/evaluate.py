@@ -312,7 +312,8 @@ def _or_unavailable(value: float | None) -> float | str:
 def evaluate_concept(model: DiffusionModel, *, token: str, class_noun: str, real_images: list[Image.Image],
                      heldout_images: list[Image.Image], reference: tuple[torch.Tensor, list[str]] | None,
                      config: EvaluateConfig, judges: Judges, resolution: int | None = None,
-                     heldout_prompts: list[str] | None = None, progress: bool = False) -> ConceptEvaluation:
+                     heldout_prompts: list[str] | None = None, progress: bool = False,
+                     samples: torch.Tensor | None = None) -> ConceptEvaluation:
     """Every metric of one concept: clip_t, clip_i, dino, heldout_loss, output_change.
 
     ``reference`` is :func:`load_reference`'s (images, prompts) from right after the concept was
@@ -321,7 +322,8 @@ def evaluate_concept(model: DiffusionModel, *, token: str, class_noun: str, real
     the first evaluation prompt, "a photo of a {token} {class_noun}" unless configured otherwise).
     """
     prompts = concept_prompts(token, class_noun, config)
-    samples = sample_outputs(model, prompts, config, resolution=resolution, progress=progress)
+    if samples is None:  # given when they were just made from these weights (the new concept's reference)
+        samples = sample_outputs(model, prompts, config, resolution=resolution, progress=progress)
     texts = [judge_text(p, token, class_noun) for p in prompts]
     metrics: dict[str, float | str] = {
         "clip_t": _or_unavailable(clip_t(judges, samples, texts)),

@@ -66,9 +66,12 @@ def evaluate_model(cumulative: CumulativeModel, config: Config, judges: Judges, 
         if reference is None:
             log.warning("%s has no reference samples: its output change is unavailable", record.name)
         real, held = dataset_images(datasets_dir / record.name if datasets_dir else None, config)
+        # The newest concept's reference was sampled from exactly these weights moments ago.
+        fresh = reference[0] if reference is not None and record.version == cumulative.lineage.version else None
         result = evaluate_concept(cumulative.model, token=record.token, class_noun=record.class_noun,
                                   real_images=real, heldout_images=held, reference=reference,
-                                  config=config.evaluate, judges=judges, resolution=resolution, progress=progress)
+                                  config=config.evaluate, judges=judges, resolution=resolution, progress=progress,
+                                  samples=fresh)
         if not real:
             # No dataset at hand (e.g. not pulled): image-alignment metrics cannot be computed.
             result.metrics["clip_i"] = result.metrics["dino"] = UNAVAILABLE

@@ -2,8 +2,9 @@
 cumulative model, and every night every concept so far is checked again.
 
     watch        ready datasets in the bucket, oldest first -> personalize each
-    personalize  recover -> fetch + validate -> prepare -> score -> select -> finetune
-                 -> write version -> evaluate -> log to MLflow -> dvc push -> git tag -> register
+    personalize  recover -> fetch + validate -> prepare (+ general neurons) -> score + select
+                 -> finetune -> write version -> evaluate -> log to MLflow -> dvc push + git tag
+                 -> register
     nightly      watch, then evaluate every concept and log the forgetting report
 
 Every setting comes from the workspace's ``params.yaml`` (committed with each version), never from
@@ -50,16 +51,13 @@ def _learn(ws: Workspace, config, dataset) -> dict:
         dataset_hash=dataset.hash, dataset_uri=f"s3://{t.s3.bucket_name()}/incoming/{dataset.concept}/",
         version=version, base=config.model.pretrained_model_name_or_path)
     try:
-        prepared = t.prepare_concept(model, concept, config)
-        general = t.general_neurons(model, config)
-        scores = t.score_neurons(model, prepared, config)
-        selection, select_seconds = t.select_neurons(model, scores, general, config)
+        prepared, general = t.prepare_concept(model, concept, config)
+        scores, selection = t.score_neurons(model, prepared, general, config)
         result = t.finetune(model, prepared, selection, config)
         record = t.write_version(model, prepared, selection, scores, result, dataset.hash, config)
         evaluation = t.evaluate(ws, model, config)
-        t.log_run(ws, config, run_id, record, prepared, result, select_seconds, evaluation)
-        t.push_version(ws, record)
-        versioned = t.tag_version(ws, record)
+        t.log_run(ws, config, run_id, record, prepared, result, evaluation)
+        versioned = t.version_model(ws, record)
     except BaseException:
         # The in-memory model may hold half a concept; the next pass rolls the disk back.
         t.drop_model(ws)

@@ -24,12 +24,19 @@ def schedule_settings(config: Config) -> tuple[int, str, str]:
 
 
 def deployments(config: Config, workspace: str) -> list:
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Cron, Interval
+
     interval, cron, tz = schedule_settings(config)
     params = {"workspace": workspace}
+    # A watch pass that finds the previous one still learning is cancelled, not queued: the
+    # next tick learns whatever arrived meanwhile.
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     return [
-        watch.to_deployment(name="watch", interval=timedelta(seconds=interval), parameters=params,
+        watch.to_deployment(name="watch", schedule=Interval(timedelta(seconds=interval)), parameters=params,
+                            concurrency_limit=one_at_a_time,
                             description="Learn every ready dataset in the bucket, oldest first"),
-        nightly.to_deployment(name="nightly", cron=cron, timezone=tz, parameters=params,
+        nightly.to_deployment(name="nightly", schedule=Cron(cron, timezone=tz), parameters=params,
                               description="Learn what is pending; re-check every concept (forgetting report)"),
         personalize.to_deployment(name="personalize", parameters=params,
                                   description="Learn one dataset: incoming/<concept>/"),

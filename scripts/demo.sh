@@ -1,16 +1,10 @@
 #!/usr/bin/env bash
-# The main job on this machine: learn two sample concepts, one after the other, into the tiny base
-# model (CPU), then write sample images and print the info table. Sets up .venv if needed.
+# The main job on the embedded local stack: sets up .venv if needed, starts SeaweedFS, MLflow and
+# Prefect on 127.0.0.1 (kept running afterwards; `.venv/bin/cns stack down` stops them), drops two
+# sample concepts into the bucket, runs the watch and nightly flows (tiny base model, CPU), and
+# prints the MLflow and Prefect URLs, the model versions and where the sample images are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-out=outputs/demo
-rm -rf "$out" && mkdir -p "$out"
-cns=.venv/bin/cns
-$cns learn data/samples/dog --model-dir "$out/model"
-$cns learn data/samples/cat2 --model-dir "$out/model"
-$cns generate "a photo of a <dog1> dog" "a photo of a <cat2> cat" "a <dog1> dog and a <cat2> cat on a sofa" \
-  --model-dir "$out/model" --out "$out/samples"
-$cns info --model-dir "$out/model"
-echo "model: $out/model   samples: $out/samples (grid.png)"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PREFECT_SERVER_ANALYTICS_ENABLED=false
+exec .venv/bin/python -m flows.demo

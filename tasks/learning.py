@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 GPU_TAG = "gpu"
 _SESSIONS: dict[Path, CumulativeModel] = {}
+_LIMITS_READY: set[str] = set()
 step_task = task(cache_policy=NO_CACHE)  # in-memory objects as inputs: nothing to cache or hash
 
 
@@ -69,6 +70,8 @@ def lineage_lock(ws: Workspace, config: Config, timeout_seconds: float | None = 
     Prefect server) inside the Prefect global concurrency limit (workers sharing a server)."""
     from prefect.concurrency.sync import concurrency
 
+    if lock_name(config) not in _LIMITS_READY and ensure_limits(config):
+        _LIMITS_READY.add(lock_name(config))
     with open(ws.root / ".cns.lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -164,27 +167,21 @@ def peak_rss_mb() -> float:
 
 
 @step_task(name="prepare-concept")
-def prepare_concept(model: CumulativeModel, concept: Concept, config: Config) -> steps.PreparedConcept:
-    return steps.prepare(model, concept, config)
-
-
-@step_task(name="general-neurons")
-def general_neurons(model: CumulativeModel, config: Config):
-    return steps.general(model, config)[0]
+def prepare_concept(model: CumulativeModel, concept: Concept, config: Config):
+    """Add the token, encode the images, and the base model's general neurons (cached)."""
+    prepared = steps.prepare(model, concept, config)
+    return prepared, steps.general(model, config)[0]
 
 
 @step_task(name="score-neurons", tags=[GPU_TAG])
-def score_neurons(model: CumulativeModel, prepared: steps.PreparedConcept, config: Config):
+def score_neurons(model: CumulativeModel, prepared: steps.PreparedConcept, general, config: Config):
+    """Score every K/V row for the concept, then select: base - general - owned."""
     scores = steps.score(model, prepared, config, progress=False)
-    prepared.timings["score_peak_rss_mb"] = peak_rss_mb()
-    return scores
-
-
-@step_task(name="select-neurons")
-def select_neurons(model: CumulativeModel, scores, general, config: Config):
     start = time.perf_counter()
     selection = steps.select(model, scores, general, config)
-    return selection, time.perf_counter() - start
+    prepared.timings["select"] = time.perf_counter() - start
+    prepared.timings["score_peak_rss_mb"] = peak_rss_mb()
+    return scores, selection
 
 
 @step_task(name="finetune", tags=[GPU_TAG])
@@ -213,7 +210,7 @@ def evaluate(ws: Workspace, model: CumulativeModel, config: Config, write: bool 
 
 # ---- tracking -----------------------------------------------------------------------------------
 
-def version_metrics(record: ConceptRecord, prepared: steps.PreparedConcept, result, select_seconds: float) -> dict:
+def version_metrics(record: ConceptRecord, prepared: steps.PreparedConcept, result) -> dict:
     from cns.info import short_layer_name
 
     s = record.stats
@@ -225,7 +222,6 @@ def version_metrics(record: ConceptRecord, prepared: steps.PreparedConcept, resu
         **{f"neurons/layer/{short_layer_name(k)}": v for k, v in s["neurons_per_layer"].items()},
         "train/trainable_parameters": result.trainable_parameters,
         "train/optimizer_state_bytes": result.optimizer_state_bytes,
-        "time/select_s": select_seconds,
     }
     for key, value in prepared.timings.items():
         metrics[f"memory/{key[:-3]}" if key.endswith("_mb") else f"time/{key}_s"] = value
@@ -236,7 +232,7 @@ def version_metrics(record: ConceptRecord, prepared: steps.PreparedConcept, resu
 
 @task(name="log-run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, prepared: steps.PreparedConcept,
-            result, select_seconds: float, evaluation: ModelEvaluation) -> None:
+            result, evaluation: ModelEvaluation) -> None:
     """Metrics, the loss curve and every artifact a reviewer needs, to the concept's MLflow run."""
     import json
 
@@ -244,7 +240,7 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
     from cns.report import forgetting_matrix
     from tasks import plots
 
-    tracking.log_metrics(run_id, {**version_metrics(record, prepared, result, select_seconds),
+    tracking.log_metrics(run_id, {**version_metrics(record, prepared, result),
                                   **evaluation.flat_metrics()})
     tracking.log_series(run_id, "train/loss", result.losses)
     tracking.set_tags(run_id, {f"eval.{name}.{k}": v for name, m in evaluation.metrics.items()
@@ -269,7 +265,8 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
         matrix = forgetting_matrix(ws.metrics_dir / "forgetting.csv")
         matrix.to_csv(out / "forgetting" / "forgetting_matrix.csv")
         plots.forgetting_heatmap(matrix, out / "forgetting" / "forgetting.png")
-        plots.loss_curve(result.losses, out / "loss.png", title=f"training loss: {record.name}")
+        (out / "plots").mkdir()
+        plots.loss_curve(result.losses, out / "plots" / "loss.png", title=f"training loss: {record.name}")
         (out / "model").mkdir()
         shutil.copy(ws.model_dir / "lineage.json", out / "model" / "lineage.json")
         (out / "model" / "README.md").write_text(
@@ -278,13 +275,10 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
         tracking.log_artifacts(run_id, {p.name: p for p in out.iterdir()})
 
 
-@task(name="push-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def push_version(ws: Workspace, record: ConceptRecord) -> None:
+@task(name="version-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def version_model(ws: Workspace, record: ConceptRecord) -> dict[str, str]:
+    """dvc add + push (retried: storage), then git commit + tag ``model-vN`` (idempotent)."""
     versioning.add_and_push(ws, record)
-
-
-@step_task(name="tag-version")
-def tag_version(ws: Workspace, record: ConceptRecord) -> dict[str, str]:
     return versioning.commit_and_tag(ws, record)
 
 

@@ -101,11 +101,14 @@ def open_workspace(path: str | Path | None = None) -> Workspace:
 
 
 def configure_remote_endpoint(ws: Workspace) -> None:
-    """Point the DVC remote at the S3 endpoint of the environment (kept out of git, in
-    ``.dvc/config.local``); with no endpoint set, DVC talks to AWS S3 itself."""
+    """Point the DVC remote at the bucket and S3 endpoint of the environment (``CNS_BUCKET``,
+    ``AWS_ENDPOINT_URL_S3``), in ``.dvc/config.local``, which stays out of git; with no endpoint
+    set, DVC talks to AWS S3 itself. Credentials are read from the environment by DVC's S3 client."""
     path = ws.root / ".dvc" / "config.local"
     endpoint = endpoint_url()
-    text = f"['remote \"{REMOTE}\"']\n    endpointurl = {endpoint}\n" if endpoint else ""
+    text = f"['remote \"{REMOTE}\"']\n    url = s3://{bucket_name()}/dvc\n"
+    if endpoint:
+        text += f"    endpointurl = {endpoint}\n"
     if (path.read_text() if path.exists() else "") != text:
         path.write_text(text)
 
@@ -169,9 +172,11 @@ def add_and_push(ws: Workspace, record: ConceptRecord) -> None:
 
 def commit_and_tag(ws: Workspace, record: ConceptRecord) -> dict[str, str]:
     """git commit "model vN: learn <concept>" and tag ``model-vN``: the version exists from here."""
+    tag = f"{TAG_PREFIX}{record.version}"
+    if git(ws, "tag", "--list", tag):  # a retry after the tag was made
+        return {"commit": git(ws, "rev-list", "-n", "1", tag), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
     paths = [p for p in (*TRACKED, f"data/concepts/{record.name}.dvc") if (ws.root / p).exists()]
     git(ws, "add", "--", *paths)
-    tag = f"{TAG_PREFIX}{record.version}"
     git(ws, "commit", "-q", "-m", f"model v{record.version}: learn {record.name}", "--", *paths)
     git(ws, "tag", tag)
     return {"commit": git(ws, "rev-parse", "HEAD"), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
