@@ -8,8 +8,8 @@ and can write them into ``docs/benchmarks.md``::
 
 Methods, each timed per training step (forward + backward + optimizer step; median after warm-up):
 
-* ``cns``: the real :func:`cns.train.finetune` (RowOverride parametrization of the selected K/V
-  rows, its AdamW groups, L_reg, the token-embedding row) on a Taylor-scored selection at the
+* ``cns``: the real :func:`cns.train.finetune` (forward hooks on the selected K/V rows and the
+  token-embedding row, its AdamW groups, L_reg) on a Taylor-scored selection at the
   default ``scoring.base_ratio``;
 * ``all_kv``: every cross-attention ``to_k``/``to_v`` weight trains (Custom Diffusion style), AdamW;
 * ``lora``: peft LoRA rank 4 on ``to_q``/``to_k``/``to_v``/``to_out.0`` (``unet.add_adapter``), AdamW;
@@ -124,7 +124,7 @@ class StubTextEncoder(nn.Module):
 
     The UNet's K/V projections see only these states, so their cost is what a real text encoder
     would give them; the embedding table (CLIP's vocabulary plus the new token) is there because
-    :func:`cns.train.finetune` trains the new token's row through a parametrization of it.
+    :func:`cns.train.finetune` trains the new token's row through a hook on it.
     """
 
     def __init__(self, dim: int, vocab: int, seed: int) -> None:
@@ -313,7 +313,7 @@ def job_cns(model, args, device, memory: PeakMemory) -> dict:
 
 
 def _run_steps(model, optimizer, source: TimedSource, steps: int, args, device) -> None:
-    """The same per-step work as cns.train.finetune, minus its parametrization and L_reg."""
+    """The same per-step work as cns.train.finetune, minus its hooks and L_reg."""
     from cns.device import autocast
     from cns.diffusion import diffusion_loss, encode_prompts
 
@@ -591,12 +591,12 @@ def report(results: dict, args, command: str, started: str) -> str:
             f"{m}: {p['steps']} steps after {p['warmup']} warm-up" for m, p in args.plan.items() if m in results)
         + "). Memory and optimizer state come from one fresh process per method with the same seeded "
         "weights (the same step counts as LoRA). CNS is the real "
-        "`cns.train.finetune` (RowOverride rows, L_reg, the token row) on a Taylor-scored selection at "
+        "`cns.train.finetune` (hooked rows, L_reg, the token row) on a Taylor-scored selection at "
         "the default `scoring.base_ratio` (no general neurons removed, so an upper bound on the rows); "
         "all-K/V and full UNet: AdamW on those weights; LoRA: peft rank 4 on to_q/to_k/to_v/to_out.0 "
         "via `unet.add_adapter`. Optimizer state = AdamW's tensors after the run, as `finetune` counts "
         f"them. Peak memory = {memory_label} (process `VmHWM` reset via `/proc/self/clear_refs` before the "
-        "method's set-up, minus the RSS then; it includes the parametrization, gradients, optimizer state "
+        "method's set-up, minus the RSS then; it includes the hooks' tensors, gradients, optimizer state "
         "and activations)." if not device.startswith("cuda") else
         f"Batch 1, latents {sizes}; see the module docstring for the set-up. Peak memory = {memory_label}.",
         "",
@@ -604,16 +604,15 @@ def report(results: dict, args, command: str, started: str) -> str:
         "Targets (issue 2, point 7):", "",
         *rows, "",
         "Only CNS trains a token row here (Custom Diffusion would too; the other rows train none). "
-        "`finetune` trains it through a RowOverride of the whole 49,409-row embedding table, so each "
-        "step copies the table and builds its dense gradient: about 0.15 s of CPU time and ~300 MB "
-        "per step for a CLIP-L-sized (x768) table in a separate micro-measurement on this machine, "
-        "which is in the CNS row above. With a real text encoder the token's gradient also needs a "
+        "`finetune` puts it into the embedding's output with a forward hook (the table itself is "
+        "neither copied nor given a gradient; an earlier parametrization that copied the 49,409-row "
+        "table every step cost ~0.15 s of CPU and ~300 MB per step at CLIP-L width). With a real text encoder the token's gradient also needs a "
         "backward pass through it, which this benchmark does not include.", "",
         "What CPU timing can and cannot say about a GPU: on this CPU a step at these tiny latent sizes is "
         "dominated by streaming the frozen weights and by the optimizer's pass over the trainable ones, "
         "so the ratios that follow from *how much* trains (optimizer state, artifact size, weights "
         "changed, and the full-UNet optimizer cost) carry over to a GPU; absolute step times and the "
-        "small fixed overheads (the parametrization's per-step `index_copy`, kernel launches, bf16 "
+        "small fixed overheads (the hooks' extra small matmuls, kernel launches, bf16 "
         "autocast, which is off on CPU) do not. At 512 px on a GPU the UNet's activations dominate "
         "and every method's step moves toward the cost of a forward + input-gradient backward pass; "
         "rerun this script with `--device cuda` on the GPU to get numbers for that case.",

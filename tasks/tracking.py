@@ -163,16 +163,6 @@ def mark_rolled_back(run_id: str, reason: str) -> None:
     client.set_terminated(run_id, "FAILED")
 
 
-def concept_runs(config: Config) -> list:
-    """Complete concept runs, newest version first."""
-    client = _client()
-    experiment = client.get_experiment_by_name(config.pipeline.model_name)
-    if experiment is None:
-        return []
-    runs = client.search_runs([experiment.experiment_id], f"tags.`{STATE}` = 'complete'")
-    return sorted(runs, key=lambda r: -int(r.data.tags.get(VERSION, 0)))
-
-
 def start_report_run(config: Config, name: str, version: int) -> str:
     """A run for a report on the model (the nightly re-check), beside the concept runs."""
     tags = {"cns.kind": "nightly", VERSION: str(version), "git.commit": code_commit(), "mlflow.runName": name,

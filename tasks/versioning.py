@@ -212,10 +212,3 @@ def rollback_uncommitted(ws: Workspace) -> int | None:
     elif ws.model_dir.exists():
         shutil.rmtree(ws.model_dir)
     return current
-
-
-def restore_version(ws: Workspace, version: int) -> None:
-    """Check out tag ``model-vN`` and its data (``git checkout`` + ``dvc pull``)."""
-    git(ws, "checkout", "-q", f"{TAG_PREFIX}{version}")
-    with dvc_repo(ws) as repo:
-        repo.pull(force=True)

@@ -231,3 +231,20 @@ def test_nightly_logs_a_forgetting_report_covering_every_concept(pipeline):
     assert matrix.index.max() == last_version(ws)
     paths = {a.path for a in client.list_artifacts(result["run_id"], "forgetting")}
     assert "forgetting/forgetting.png" in paths
+
+
+def test_dvc_sees_the_evaluate_stage_up_to_date_and_diffs_metrics_between_versions(pipeline):
+    import json
+
+    ws, _, _ = pipeline
+    dvc = str(Path(sys.executable).parent / "dvc")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    status = subprocess.run([dvc, "status", "--json"], cwd=ws.root, env=env, capture_output=True, text=True,
+                            check=True)
+    assert json.loads(status.stdout) == {}
+    diff = subprocess.run([dvc, "metrics", "diff", "model-v1", "model-v2", "--json"], cwd=ws.root, env=env,
+                          capture_output=True, text=True, check=True)
+    changes = json.loads(diff.stdout)["metrics/eval.json"]
+    assert changes["version"] == {"old": 1, "new": 2, "diff": 1}
+    first = read_lineage(ws.model_dir).concepts[0].name
+    assert changes[f"concepts.{first}.output_change"]["old"] == 0.0
