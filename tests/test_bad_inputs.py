@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, copy_concept, tree_digest
+from cns_testing import ROOT, copy_concept, tree_digest
 
 
 def _remove_manifest(d: Path) -> None:

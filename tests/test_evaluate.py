@@ -20,7 +20,7 @@ from cns.evaluate import (UNAVAILABLE, Judges, judge_image_spec, clip_i, clip_t,
                           sample_outputs, sampling_settings, save_reference)
 from cns.models import clip_tokenizer
 from cns.neurons import kv_layers
-from conftest import SAMPLES
+from cns_testing import SAMPLES
 from tasks.plots import forgetting_heatmap, loss_curve, mask_heatmap, save_grid
 
 FAST = dict(num_inference_steps=3, num_images_per_prompt=1, loss_draws=4)

@@ -10,7 +10,7 @@ from cns.delta import load_masks
 from cns.neurons import kv_layers
 from cns.selection import rows_for_ratio
 
-from conftest import SAMPLES, small_config
+from cns_testing import SAMPLES, small_config
 
 
 def _masks(tc, i):

@@ -15,7 +15,7 @@ from cns.config import ConfigError, load_config
 from cns.info import format_table, info
 from cns.lineage import ConceptRecord, Lineage, write_lineage
 
-from conftest import ROOT, state_snapshot
+from cns_testing import ROOT, state_snapshot
 
 
 def test_base_plus_deltas_reloaded_from_disk_equals_the_in_memory_model(two_concepts):
