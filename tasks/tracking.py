@@ -84,27 +84,26 @@ def start_concept_run(config: Config, *, concept: str, token: str, class_noun: s
     return run.info.run_id
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def _log_batch(run_id: str, points: list[tuple[str, float, int]]) -> None:
+    """(key, value, step) points in batches of 500 (the server's limit is 1,000)."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    items = [Metric(key, float(value), now, step) for key, value, step in points]
+    client = _client()
     for i in range(0, len(items), 500):
-        _client().log_batch(run_id, metrics=items[i:i + 500])
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    _log_batch(run_id, [(k, v, step) for k, v in metrics.items() if isinstance(v, (int, float))])
 
 
 def log_series(run_id: str, key: str, values: list[float]) -> None:
-    """A metric over steps (e.g. the training loss), in batches."""
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [Metric(key, float(v), now, step) for step, v in enumerate(values)]
-    for i in range(0, len(items), 500):
-        _client().log_batch(run_id, metrics=items[i:i + 500])
+    """A metric over steps (e.g. the training loss)."""
+    _log_batch(run_id, [(key, v, step) for step, v in enumerate(values)])
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
