@@ -520,7 +520,7 @@ def verdicts(results: dict) -> list[tuple[str, str, str, bool | None]]:
     out = []
     for model, res in results.items():
         sized = model == "sd15"
-        cns, kv, full, score = res["cns"], res["all_kv"], res["full"], res["score"]
+        cns, kv, score = res["cns"], res["all_kv"], res["score"]
         unet = cns["unet_parameters"]
         step_kv = _median(timing(res, "cns")) / _median(timing(res, "all_kv"))
         step_full = _median(timing(res, "cns")) / _median(timing(res, "full"))

@@ -13,7 +13,6 @@ import shutil
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import yaml
 

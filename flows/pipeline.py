@@ -13,14 +13,9 @@ flow parameters: a model version and its recorded parameters cannot disagree.
 
 from __future__ import annotations
 
-import tempfile
-from datetime import datetime, timezone
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 
 from tasks import learning as t
-from tasks import tracking
 from tasks.versioning import Workspace, open_workspace
 
 
@@ -45,11 +40,7 @@ def _learn(ws: Workspace, config, dataset) -> dict:
         logger.warning("rejected %s (see rejected/%s/ in the bucket)", dataset.concept, dataset.concept)
         return {"concept": dataset.concept, "outcome": "rejected"}
     model = t.load_model(ws, config)
-    version = model.lineage.version + 1
-    run_id = tracking.start_concept_run(
-        config, concept=concept.name, token=concept.token, class_noun=concept.class_noun,
-        dataset_hash=dataset.hash, dataset_uri=f"s3://{t.s3.bucket_name()}/incoming/{dataset.concept}/",
-        version=version, base=config.model.pretrained_model_name_or_path)
+    run_id = t.start_run(config, concept, dataset, model.lineage.version + 1)
     try:
         prepared, general = t.prepare_concept(model, concept, config)
         scores, selection = t.score_neurons(model, prepared, general, config)
@@ -94,30 +85,5 @@ def nightly(workspace: str | None = None) -> dict:
     with t.lineage_lock(ws, config):
         model = t.load_model(ws, config)
         evaluation = t.evaluate(ws, model, config, write=False)
-    report = log_nightly(ws, config, evaluation)
+    report = t.log_nightly(ws, config, evaluation)
     return {"learned": learned, **report}
-
-
-def log_nightly(ws: Workspace, config, evaluation) -> dict:
-    from cns.report import forgetting_matrix, write_metrics
-    from tasks import plots
-
-    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    run_id = tracking.start_report_run(config, f"nightly {day} (model v{evaluation.version})", evaluation.version)
-    tracking.log_metrics(run_id, evaluation.flat_metrics())
-    with tempfile.TemporaryDirectory(prefix="cns-nightly-") as tmp:
-        out = Path(tmp)
-        # The history so far plus tonight's row, as the matrix of output change per concept.
-        history = out / "forgetting"
-        if (ws.metrics_dir / "forgetting.csv").exists():
-            history.mkdir()
-            (history / "forgetting.csv").write_bytes((ws.metrics_dir / "forgetting.csv").read_bytes())
-        tonight = write_metrics(evaluation, history)
-        matrix = forgetting_matrix(tonight["forgetting"])
-        matrix.to_csv(history / "forgetting_matrix.csv")
-        plots.forgetting_heatmap(matrix, history / "forgetting.png", title=f"output change since learned ({day})")
-        for name, samples in evaluation.samples.items():
-            plots.save_grid(samples, out / "samples" / f"{name}.png", per_row=config.evaluate.num_images_per_prompt)
-        tracking.log_artifacts(run_id, {p.name: p for p in out.iterdir()})
-    tracking.finish_report_run(run_id)
-    return {"run_id": run_id, "version": evaluation.version, "concepts": list(evaluation.metrics)}

@@ -10,6 +10,7 @@ limit bounds how many run at once, and :func:`lineage_lock` serializes writes to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import resource
@@ -21,7 +22,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cns.concept import Concept, ConceptError, load_concept
+from cns.concept import Concept, ConceptError
 from cns.config import Config
 from cns.cumulative import CumulativeModel, open_model
 from cns.evaluate import load_judges
@@ -157,7 +158,9 @@ def fetch_dataset(ws: Workspace, config: Config, dataset: bucket.Dataset) -> Con
         if target.exists():  # left by an attempt that was rolled back
             shutil.rmtree(target)
         Path(tmp, dataset.concept).rename(target)
-    return load_concept(target, config.limits)
+    # Validated already: only the paths move (no second decode of every image).
+    return dataclasses.replace(concept, directory=target,
+                               image_paths=tuple(target / p.name for p in concept.image_paths))
 
 
 # ---- the method ---------------------------------------------------------------------------------
@@ -230,6 +233,33 @@ def version_metrics(record: ConceptRecord, prepared: steps.PreparedConcept, resu
     return metrics
 
 
+@task(name="start-run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def start_run(config: Config, concept: Concept, dataset: bucket.Dataset, version: int) -> str:
+    """The concept's MLflow run (state ``running`` until its version is registered)."""
+    return tracking.start_concept_run(
+        config, concept=concept.name, token=concept.token, class_noun=concept.class_noun,
+        dataset_hash=dataset.hash, dataset_uri=f"s3://{s3.bucket_name()}/incoming/{dataset.concept}/",
+        version=version, base=config.model.pretrained_model_name_or_path)
+
+
+def review_artifacts(out: Path, evaluation: ModelEvaluation, metrics_dir: Path, config: Config,
+                     title: str = "output change since learned") -> None:
+    """``samples/<concept>.png`` and ``forgetting/`` (history CSV, eval.json, matrix CSV + PNG)
+    under ``out``, from an evaluation and the metrics directory that holds its rows."""
+    from cns.report import forgetting_matrix
+    from tasks import plots
+
+    for name, samples in evaluation.samples.items():
+        plots.save_grid(samples, out / "samples" / f"{name}.png", per_row=config.evaluate.num_images_per_prompt)
+    forgetting = out / "forgetting"
+    forgetting.mkdir()
+    shutil.copy(metrics_dir / "forgetting.csv", forgetting / "forgetting.csv")
+    shutil.copy(metrics_dir / "eval.json", forgetting / "eval.json")
+    matrix = forgetting_matrix(metrics_dir / "forgetting.csv")
+    matrix.to_csv(forgetting / "forgetting_matrix.csv")
+    plots.forgetting_heatmap(matrix, forgetting / "forgetting.png", title=title)
+
+
 @task(name="log-run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, prepared: steps.PreparedConcept,
             result, evaluation: ModelEvaluation) -> None:
@@ -237,7 +267,6 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
     import json
 
     from cns.delta import load_masks
-    from cns.report import forgetting_matrix
     from tasks import plots
 
     tracking.log_metrics(run_id, {**version_metrics(record, prepared, result),
@@ -257,14 +286,7 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
                            title=f"v{record.version} {record.name}: selected neurons per layer")
         (out / "delta").mkdir()
         shutil.copy(concept_dir / "delta.safetensors", out / "delta" / "delta.safetensors")
-        for name, samples in evaluation.samples.items():
-            plots.save_grid(samples, out / "samples" / f"{name}.png", per_row=config.evaluate.num_images_per_prompt)
-        (out / "forgetting").mkdir()
-        shutil.copy(ws.metrics_dir / "forgetting.csv", out / "forgetting" / "forgetting.csv")
-        shutil.copy(ws.metrics_dir / "eval.json", out / "forgetting" / "eval.json")
-        matrix = forgetting_matrix(ws.metrics_dir / "forgetting.csv")
-        matrix.to_csv(out / "forgetting" / "forgetting_matrix.csv")
-        plots.forgetting_heatmap(matrix, out / "forgetting" / "forgetting.png")
+        review_artifacts(out, evaluation, ws.metrics_dir, config)
         (out / "plots").mkdir()
         plots.loss_curve(result.losses, out / "plots" / "loss.png", title=f"training loss: {record.name}")
         (out / "model").mkdir()
@@ -273,6 +295,30 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
             f"Model version {record.version} ({record.name}). The weights are versioned with DVC: in the "
             f"workspace, `git checkout {versioning.TAG_PREFIX}{record.version} && dvc pull`.\n")
         tracking.log_artifacts(run_id, {p.name: p for p in out.iterdir()})
+
+
+@task(name="log-nightly", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def log_nightly(ws: Workspace, config: Config, evaluation: ModelEvaluation) -> dict:
+    """A nightly MLflow run: every concept's metrics and samples, and the forgetting matrix of the
+    versions so far plus tonight's row (the workspace's metrics stay as they are)."""
+    from datetime import datetime, timezone
+
+    from cns.report import write_metrics
+
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    run_id = tracking.start_report_run(config, f"nightly {day} (model v{evaluation.version})", evaluation.version)
+    tracking.log_metrics(run_id, evaluation.flat_metrics())
+    with tempfile.TemporaryDirectory(prefix="cns-nightly-") as tmp:
+        metrics, out = Path(tmp, "metrics"), Path(tmp, "artifacts")
+        metrics.mkdir()
+        out.mkdir()
+        if (ws.metrics_dir / "forgetting.csv").exists():
+            shutil.copy(ws.metrics_dir / "forgetting.csv", metrics / "forgetting.csv")
+        write_metrics(evaluation, metrics)
+        review_artifacts(out, evaluation, metrics, config, title=f"output change since learned ({day})")
+        tracking.log_artifacts(run_id, {p.name: p for p in out.iterdir()})
+    tracking.finish_report_run(run_id)
+    return {"run_id": run_id, "version": evaluation.version, "concepts": list(evaluation.metrics)}
 
 
 @task(name="version-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -74,7 +74,7 @@ def describe_error(exc: Exception, what: str) -> S3Error:
             return S3Error(what, f"access refused by the S3 server ({code}): check AWS_ACCESS_KEY_ID and "
                                  "AWS_SECRET_ACCESS_KEY", "access_denied")
         if code in ("NoSuchBucket",):
-            return S3Error(what, f"bucket does not exist (set CNS_BUCKET or run `cns stack up`)", "no_such_bucket")
+            return S3Error(what, "bucket does not exist (set CNS_BUCKET or run `cns stack up`)", "no_such_bucket")
         return S3Error(what, f"S3 request failed ({code}: {err.get('Message', '')})")
     if isinstance(exc.__cause__, ClientError):
         return describe_error(exc.__cause__, what)  # boto3's S3UploadFailedError wraps the real one

@@ -32,8 +32,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAG_PREFIX = "model-v"
 REMOTE = "storage"
 METRICS = "metrics"
-# What a version commits to git besides the .dvc files of the model and its dataset.
-TRACKED = ("params.yaml", "data/model.dvc", "data/.gitignore", "data/concepts/.gitignore", "dvc.lock", METRICS)
+# What a version commits to git besides its dataset's .dvc file; a rollback restores all but
+# params.yaml (the user's, never reverted, committed with the next version).
+VERSIONED = ("data/model.dvc", "data/.gitignore", "data/concepts/.gitignore", "dvc.lock", METRICS)
+TRACKED = ("params.yaml", *VERSIONED)
 
 
 class WorkspaceError(CNSError):
@@ -192,8 +194,7 @@ def rollback_uncommitted(ws: Workspace) -> int | None:
     committed = last_version(ws)
     lineage = read_lineage(ws.model_dir)
     current = lineage.version if lineage else 0
-    # params.yaml is the user's: never reverted, only committed with the next version.
-    tracked = [p for p in (*TRACKED[1:], "data/concepts") if git(ws, "ls-files", "--", p)]
+    tracked = [p for p in (*VERSIONED, "data/concepts") if git(ws, "ls-files", "--", p)]
     dirty = git(ws, "status", "--porcelain", "--", "data/model.dvc", "data/concepts", "dvc.lock", METRICS)
     if current == committed and not dirty:
         return None

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cns.delta import load_masks
 from cns.lineage import read_lineage
 from tasks import bucket, s3
 from tasks.versioning import git, init_workspace, last_version
