@@ -1,5 +1,5 @@
 """A concept directory: images (jpg, png, webp) and ``concept.yaml`` (name, token, class noun,
-optional prompts). Everything is validated before any training, and every problem is a
+optional prompts, optional per-image captions). Everything is validated before any training, and every problem is a
 :class:`ConceptError` whose ``code`` is machine-readable and whose message names the file."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cns.errors import CNSError
 
 MANIFEST = "concept.yaml"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-MANIFEST_KEYS = {"name", "token", "class_noun", "prompts"}
+MANIFEST_KEYS = {"name", "token", "class_noun", "prompts", "captions"}
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TOKEN_RE = re.compile(r"^<[A-Za-z0-9_-]{1,32}>$")
 IMAGE_FORMATS = {"JPEG", "PNG", "WEBP"}
@@ -36,6 +36,12 @@ class Concept:
     image_paths: tuple[Path, ...]
     prompts: tuple[str, ...] = field(default=())
     directory: Path | None = None
+    # image file name -> its caption (each holds the token); trains each image with its own caption.
+    captions: dict[str, str] = field(default_factory=dict)
+
+    def captions_for(self, paths: tuple[Path, ...]) -> list[str] | None:
+        """Each image's caption, in order; None when the manifest gives no captions."""
+        return [self.captions[p.name] for p in paths] if self.captions else None
 
     def training_prompts(self, template: str) -> list[str]:
         """The manifest's prompts, or the template filled with this concept's token and class."""
@@ -83,7 +89,16 @@ def parse_manifest(text: str, source: str | Path, default_name: str) -> dict:
     for prompt in prompts:
         if token not in prompt:
             raise ConceptError(source, f"prompt {prompt!r} does not contain the token {token}", "manifest_invalid")
-    return {"name": name, "token": token, "class_noun": data["class_noun"].strip(), "prompts": tuple(prompts)}
+    captions = data.get("captions") or {}
+    if not isinstance(captions, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in captions.items()):
+        raise ConceptError(source, "'captions' must map image file names to caption strings", "manifest_invalid")
+    for image, caption in captions.items():
+        if token not in caption:
+            raise ConceptError(source, f"caption of {image} ({caption!r}) does not contain the token {token}",
+                               "manifest_invalid")
+    return {"name": name, "token": token, "class_noun": data["class_noun"].strip(), "prompts": tuple(prompts),
+            "captions": dict(captions)}
 
 
 def check_image(path: Path, limits: LimitsConfig) -> tuple[int, int]:
@@ -135,6 +150,13 @@ def load_concept(directory: str | Path, limits: LimitsConfig | None = None) -> C
                            "too_few_images")
     for path in images:
         check_image(path, limits)
+    if fields["captions"]:
+        names = {p.name for p in images}
+        missing = sorted(names - set(fields["captions"]))
+        extra = sorted(set(fields["captions"]) - names)
+        if missing or extra:
+            problem = f"no caption for image {missing[0]}" if missing else f"caption for a missing image {extra[0]}"
+            raise ConceptError(manifest, f"{problem}: 'captions' must name every image exactly", "manifest_invalid")
     return Concept(image_paths=tuple(images), directory=directory, **fields)
 
 

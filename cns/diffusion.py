@@ -40,10 +40,13 @@ def image_latents(model: DiffusionModel, images: list[Image.Image], resolution: 
     """VAE latents (posterior mean, scaled) of each image and, if asked, of its mirror image.
 
     Encoding once up front instead of every step: the images never change during finetuning.
+    A pixel-space model (no VAE) denoises the [-1, 1] pixels themselves.
     """
     pixels = torch.stack([preprocess(im, resolution) for im in images])
     if with_flips:
         pixels = torch.cat([pixels, pixels.flip(-1)])
+    if model.vae is None:
+        return pixels.float()
     latents = []
     for chunk in pixels.split(4):
         dist = model.vae.encode(chunk.to(model.device, dtype=model.vae.dtype)).latent_dist
@@ -53,14 +56,20 @@ def image_latents(model: DiffusionModel, images: list[Image.Image], resolution: 
 
 @dataclass
 class ConceptBatchSource:
-    """Seeded sampling of (latent, prompt) training pairs for one concept."""
+    """Seeded sampling of (latent, prompt) training pairs for one concept.
+
+    Unpaired (the default), any prompt goes with any image; ``paired`` means ``input_ids[i]`` is
+    image ``i``'s own caption (a manifest's ``captions``) and they are drawn together."""
 
     latents: torch.Tensor  # (n, 4, h, w), images then their flips when flips are on
-    input_ids: torch.Tensor  # (p, 77)
+    input_ids: torch.Tensor  # (p, 77); (n, 77) when paired
     generator: torch.Generator
+    paired: bool = False
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = torch.randint(len(self.latents), (batch_size,), generator=self.generator)
+        if self.paired:
+            return self.latents[i], self.input_ids[i]
         j = torch.randint(len(self.input_ids), (batch_size,), generator=self.generator)
         return self.latents[i], self.input_ids[j]
 

@@ -85,10 +85,15 @@ def prepare(cumulative: CumulativeModel, concept: Concept, config: Config) -> Pr
     resolution = config.train.resolution or model.native_resolution
     train_paths, holdout_paths = concept.split(config.evaluate.holdout_images, config.limits.min_images - 1)
     latents = image_latents(model, concept.load_images(train_paths), resolution, with_flips=config.train.random_flip)
-    input_ids = tokenize(model, concept.training_prompts(config.train.prompt_template))
+    captions = concept.captions_for(train_paths)
+    if captions is not None:  # each image with its own caption (flipped copies too)
+        input_ids = tokenize(model, captions * (2 if config.train.random_flip else 1))
+    else:
+        input_ids = tokenize(model, concept.training_prompts(config.train.prompt_template))
     generator = torch.Generator().manual_seed(config.train.seed)
     prepared = PreparedConcept(concept=concept, token_id=token_id,
-                               source=ConceptBatchSource(latents.cpu(), input_ids, generator),
+                               source=ConceptBatchSource(latents.cpu(), input_ids, generator,
+                                                         paired=captions is not None),
                                concept_token_ids=[token_id, *class_ids], resolution=resolution,
                                holdout_paths=holdout_paths)
     prepared.timings["prepare"] = time.perf_counter() - start

@@ -3,11 +3,16 @@
 A :class:`DiffusionModel` holds the parts CNS touches (UNet, VAE, text encoder, tokenizer, the
 training noise scheduler) and nothing of the pipeline machinery; :func:`to_pipeline` assembles a
 standard ``StableDiffusionPipeline`` from them for generation and export.
+
+A *pixel-space* model has no VAE (``vae`` is None): the UNet denoises RGB pixels directly, as the
+benchmark world's model does (world/). Its directory is a diffusers-style folder (unet,
+text_encoder, tokenizer, scheduler) whose ``model_index.json`` names ``"vae": [null, null]``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +24,7 @@ import torch
 # this project uses none of them and installs no torchvision on purpose.
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
+from diffusers import __version__ as diffusers_version  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
 )
@@ -38,7 +44,7 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 @dataclass
 class DiffusionModel:
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
@@ -46,7 +52,14 @@ class DiffusionModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def pixel_space(self) -> bool:
+        return self.vae is None
+
+    def parts(self) -> list[torch.nn.Module]:
+        return [part for part in (self.unet, self.vae, self.text_encoder) if part is not None]
 
     @property
     def native_resolution(self) -> int:
@@ -61,12 +74,12 @@ class DiffusionModel:
         return self.text_encoder.get_input_embeddings()
 
     def to(self, device: torch.device | str) -> "DiffusionModel":
-        for part in (self.unet, self.vae, self.text_encoder):
+        for part in self.parts():
             part.to(device)
         return self
 
     def freeze(self) -> None:
-        for part in (self.unet, self.vae, self.text_encoder):
+        for part in self.parts():
             part.requires_grad_(False)
             part.eval()
 
@@ -125,7 +138,8 @@ def load_pretrained(name_or_path: str, revision: str | None = None) -> Diffusion
     try:
         model = DiffusionModel(
             unet=UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kwargs),
-            vae=AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kwargs),
+            vae=None if _pixel_space(local, name_or_path) else AutoencoderKL.from_pretrained(
+                name_or_path, subfolder="vae", **kwargs),
             text_encoder=CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs),
             tokenizer=CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kwargs),
             noise_scheduler=DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kwargs),
@@ -139,6 +153,36 @@ def load_pretrained(name_or_path: str, revision: str | None = None) -> Diffusion
                        f"{model.text_encoder.config.vocab_size}: tokenizer files missing or wrong", "model_invalid")
     model.freeze()
     return model
+
+
+def _pixel_space(local: Path, name_or_path: str) -> bool:
+    """A local directory whose model_index.json names no VAE holds a pixel-space model."""
+    index = local / "model_index.json"
+    if not local.exists() or not index.is_file():
+        return False
+    try:
+        vae = json.loads(index.read_text()).get("vae")
+    except json.JSONDecodeError:
+        raise CNSError(index, "not valid JSON", "model_invalid") from None
+    return vae is None or vae == [None, None]
+
+
+def save_pixel_model(model: DiffusionModel, out_dir: str | Path) -> Path:
+    """Write a pixel-space model as a diffusers-style directory (safetensors, no pickle)."""
+    if not model.pixel_space:
+        raise ValueError("save_pixel_model writes models without a VAE; use export for latent models")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+    model.text_encoder.save_pretrained(out_dir / "text_encoder", safe_serialization=True)
+    model.tokenizer.save_pretrained(out_dir / "tokenizer")
+    model.noise_scheduler.save_pretrained(out_dir / "scheduler")
+    index = {"_class_name": "CNSPixelDiffusion", "_diffusers_version": diffusers_version,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": [None, None],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", type(model.noise_scheduler).__name__]}
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir
 
 
 def load_base(name_or_path: str, revision: str | None = None) -> DiffusionModel:
@@ -162,6 +206,9 @@ def weights_hash(model: DiffusionModel) -> str:
 
 def to_pipeline(model: DiffusionModel) -> StableDiffusionPipeline:
     """A standard diffusers pipeline over the same modules (no copy), with a DDIM sampler."""
+    if model.pixel_space:
+        raise CNSError(model.reference, "is a pixel-space model (no VAE): it has no StableDiffusionPipeline",
+                       "model_invalid")
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
     return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                    unet=model.unet, scheduler=scheduler, safety_checker=None,

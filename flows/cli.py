@@ -10,6 +10,7 @@ import sys
 
 from cns import cli as library_cli
 from cns.errors import CNSError
+from world import cli as world_cli
 
 
 def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     library_cli.add_commands(sub)
+    world_cli.add_commands(sub)
     add_pipeline_commands(sub)
     return parser
 

@@ -1,0 +1,134 @@
+"""The benchmark world: the scene generator, the judge, the pretrained world model (committed
+in data/world, never retrained here), cns on a pixel-space model, and the smoke benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from cns_testing import ROOT
+
+from cns.errors import CNSError  # noqa: E402
+
+WORLD = ROOT / "data" / "world"
+
+
+def test_scenes_are_deterministic_and_concepts_come_from_the_data_file():
+    from world.scene import concept_training_scenes, load_concepts, random_base_scene, render
+
+    concepts = load_concepts()
+    assert len(concepts) >= 10 and len({c.token for c in concepts}) == len(concepts)
+    a = [render(random_base_scene(np.random.default_rng(3))) for _ in range(2)]
+    assert np.array_equal(a[0], a[1]) and a[0].shape == (32, 32, 3)
+    scenes = concept_training_scenes(concepts[0], 5, seed=7)
+    assert len({s.background for s in scenes}) == 5  # varied contexts
+    assert all(concepts[0].token in s.caption() for s in scenes)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("concepts: [{name: x, token: '<x>', class_noun: circle, bitmap: 'RRRR'}]", "8 rows of 8"),
+    ("concepts: [{name: x, token: '<x>', class_noun: blob, bitmap: '" + " ".join(["RRRRRRRR"] * 8) + "'}]",
+     "class_noun"),
+    ("concepts: [{name: x, token: '<x>', class_noun: circle, bitmap: '" + " ".join(["ZZZZZZZZ"] * 8) + "'}]",
+     "unknown bitmap letter"),
+    ("just text", "'concepts' list"),
+])
+def test_a_bad_concepts_file_is_one_error_naming_it(tmp_path, bad, message):
+    from world.scene import load_concepts
+
+    path = tmp_path / "concepts.yaml"
+    path.write_text(bad)
+    with pytest.raises(CNSError) as err:
+        load_concepts(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_the_judge_reads_fresh_renders():
+    from world.judge import load_judge, validate
+    from world.scene import load_concepts
+
+    judge = load_judge()
+    result = validate(judge, load_concepts(), n=300, seed=123)
+    assert result["identity_clean"] >= 0.97 and result["identity_degraded"] >= 0.95
+    assert result["background_clean"] == 1.0 and result["color_clean"] >= 0.99
+    assert result["two_object_identity_clean"] >= 0.9
+
+
+def test_the_pretrained_world_model_draws_held_out_combinations():
+    """Captions it never saw: every held-out (shape, colour) pair on every background."""
+    from cns.models import load_pretrained
+    from world.judge import load_judge
+    from world.metrics import attribute_accuracy, base_prompts
+
+    record = json.loads((WORLD / "model" / "pretrain.json").read_text())
+    model = load_pretrained(str(WORLD / "model"))
+    assert model.pixel_space and model.native_resolution == 32
+    accuracy = attribute_accuracy(model, load_judge(), base_prompts("heldout"), seed=777)
+    # A different seed than pretrain.json's evaluation: the model, not one lucky draw.
+    for attribute in ("shape", "color", "background"):
+        assert accuracy[attribute] >= 0.6, (attribute, accuracy, record["evaluation"])
+
+
+def test_cns_learns_a_world_concept_into_the_pixel_space_model(tmp_path):
+    """The unchanged `cns` commands on the world's model: learn (per-image captions), generate, export."""
+    env_args = [sys.executable, "-m", "flows.cli"]
+    settings = ["--set", f"model.pretrained_model_name_or_path={WORLD / 'model'}", "--set", "train.max_train_steps=5",
+                "--set", "train.random_flip=false", "--set", f"cache_dir={tmp_path / 'cache'}",
+                "--set", "scoring.num_score_samples=4", "--set", "evaluate.num_inference_steps=3",
+                "--set", "evaluate.prompts=[\"a {token} {class_noun} on a gray background\"]"]
+    subprocess.run([*env_args, "world", "concepts", "--out", str(tmp_path / "concepts")], check=True, cwd=ROOT)
+    manifest = yaml.safe_load((tmp_path / "concepts" / "arrow" / "concept.yaml").read_text())
+    assert len(manifest["captions"]) == 5 and all("<arrow>" in c for c in manifest["captions"].values())
+    model_dir = tmp_path / "model"
+    out = subprocess.run([*env_args, "learn", str(tmp_path / "concepts" / "arrow"), "--model-dir", str(model_dir),
+                          "-q", *settings], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    lineage = json.loads((model_dir / "lineage.json").read_text())
+    assert lineage["concepts"][0]["token"] == "<arrow>" and lineage["concepts"][0]["stats"]["neurons_total"] > 0
+    out = subprocess.run([*env_args, "generate", "a <arrow> triangle on a pink background", "--model-dir",
+                          str(model_dir), "--out", str(tmp_path / "gen"), "--steps", "3", "-q", *settings],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "gen" / "grid.png").is_file()
+    out = subprocess.run([*env_args, "export", str(tmp_path / "export"), "--model-dir", str(model_dir), *settings],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    from cns.models import load_pretrained
+
+    exported = load_pretrained(str(tmp_path / "export"))
+    assert exported.pixel_space and "<arrow>" in exported.tokenizer.get_vocab()
+
+
+def test_a_caption_for_a_missing_image_is_an_error_naming_the_manifest(tmp_path):
+    from cns.concept import load_concept
+    from world.concepts import write_concept_dir
+    from world.scene import load_concepts
+
+    directory = write_concept_dir(load_concepts()[0], tmp_path)
+    (directory / "04.png").unlink()
+    with pytest.raises(CNSError) as err:
+        load_concept(directory)
+    assert "concept.yaml" in str(err.value) and "04.png" in str(err.value)
+
+
+def test_smoke_benchmark_writes_the_table_and_plots(tmp_path):
+    """`cns bench world --smoke`: 2 concepts, few steps, the full set of outputs."""
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "bench", "world", "--smoke", "--out", str(tmp_path),
+                          "-q"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("results.csv", "results.md", "results.json", "matrix.csv", "fidelity_matrices.png",
+                 "forgetting_curves.png", "samples.png", "pretrained_heldout.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    record = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["method"]: row for row in record["results"]}
+    assert set(rows) == {"cns", "naive_kv", "lora_fused", "single_kv"}
+    for row in rows.values():
+        assert 0.0 <= row["fidelity_final"] <= 1.0
+    # CNS changes a small share of what all-K/V finetuning changes, and says so.
+    assert 0 < rows["cns"]["weights_changed"] < rows["naive_kv"]["weights_changed"] / 5
+    assert record["pretrained_zero_shot"]["samples"] == 60
