@@ -65,10 +65,10 @@ class BenchSettings:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     steps: int = 100
     batch_size: int = 4
-    learning_rate: float = 1e-3
-    token_learning_rate: float = 1e-2
+    learning_rate: float = 1e-2
+    token_learning_rate: float = 5e-2
     lora_rank: int = 4
-    lora_learning_rate: float = 1e-3
+    lora_learning_rate: float = 1e-2
     base_ratio: float = 0.06
     images_per_concept: int = 5
     seeds_per_prompt: int = 1
@@ -113,8 +113,9 @@ class LoRA(nn.Module):
 
     def __init__(self, linear: nn.Linear, rank: int, generator: torch.Generator) -> None:
         super().__init__()
-        self.A = nn.Parameter(torch.randn(rank, linear.in_features, generator=generator) / rank)
-        self.B = nn.Parameter(torch.zeros(linear.out_features, rank))
+        device = linear.weight.device
+        self.A = nn.Parameter((torch.randn(rank, linear.in_features, generator=generator) / rank).to(device))
+        self.B = nn.Parameter(torch.zeros(linear.out_features, rank, device=device))
         self.handle = linear.register_forward_hook(lambda m, args, out: out + args[0] @ self.A.T @ self.B.T)
 
     def delta(self) -> torch.Tensor:
@@ -189,15 +190,38 @@ def evaluate_concepts(model, judge, concepts: list[WorldConcept], indices: list[
                 bgs.append(bg)
                 owners.append(k)
                 seeds.append(settings.seed + 1000 * index + 10 * j + s)
-    reads = judge.read(sample(model, prompts, seeds))
+    images = sample(model, prompts, seeds)
+    reads = judge.read(images)
+    embeddings = judge.embeddings(images)
     out = []
     for k, concept in enumerate(concepts):
         mine = [i for i, o in enumerate(owners) if o == k]
         out.append({
             "concept_fidelity": float(np.mean([reads[i]["identity"] == concept.name for i in mine])),
+            "concept_similarity": float((embeddings[mine] @ REFERENCE_EMBEDDINGS[concept.name]).mean()),
             "prompt_fidelity": float(np.mean([reads[i]["background"] == bgs[i] for i in mine])),
         })
     return out
+
+
+# concept name -> unit mean judge embedding of its photos (set by run_benchmark)
+REFERENCE_EMBEDDINGS: dict[str, torch.Tensor] = {}
+
+
+def reference_embeddings(judge, concepts: list[WorldConcept], dirs: list[Path]) -> dict:
+    """Each concept's reference for concept similarity: the mean judge embedding of its photos.
+    Returns the similarity's validation on fresh renders: same concept against other concepts."""
+    from world.scene import concept_training_scenes, render
+
+    for concept, directory in zip(concepts, dirs):
+        photos = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(directory.glob("*.png"))])
+        REFERENCE_EMBEDDINGS[concept.name] = torch.nn.functional.normalize(judge.embeddings(photos).mean(0), dim=0)
+    same, other = [], []
+    for concept in concepts:
+        fresh = judge.embeddings(np.stack([render(s) for s in concept_training_scenes(concept, 6, seed=999)]))
+        for name, ref in REFERENCE_EMBEDDINGS.items():
+            (same if name == concept.name else other).append(float((fresh @ ref).mean()))
+    return {"same_concept": float(np.mean(same)), "other_concepts": float(np.mean(other))}
 
 
 def zero_shot(model, judge, seed: int) -> tuple[dict, np.ndarray]:
@@ -264,6 +288,7 @@ def run_method(name: str, settings: BenchSettings, concepts: list[WorldConcept],
             row = [None] * len(concepts)
             row[k] = evaluate_concepts(cumulative.model, judge, [concept], [k], settings)[0]
             run.matrix.append(row)
+            print(f"[bench world] {name} {concept.name}: fidelity {row[k]['concept_fidelity']:.2f}", flush=True)
             run.samples += gray_samples(cumulative.model, [concept], [k], 90_000)
             continue
         if name == "lora_fused":
@@ -276,6 +301,9 @@ def run_method(name: str, settings: BenchSettings, concepts: list[WorldConcept],
             continue
         readings = evaluate_concepts(cumulative.model, judge, learned, list(range(len(learned))), settings)
         run.matrix.append(readings + [None] * (len(concepts) - len(learned)))
+        print(f"[bench world] {name} after {concept.name}: fidelity {readings[-1]['concept_fidelity']:.2f}, "
+              f"mean so far {np.mean([r['concept_fidelity'] for r in readings]):.2f}, "
+              f"prompt {readings[-1]['prompt_fidelity']:.2f}", flush=True)
     if name == "lora_fused":
         for deltas in fused:
             add_deltas(cumulative, deltas)
@@ -317,9 +345,15 @@ def summarize(run: MethodRun, ceiling: MethodRun | None, base_accuracy: dict) ->
     n = len(run.final["concepts"])
     diag = [run.matrix[k][k]["concept_fidelity"] for k in range(n)]
     final = [c["concept_fidelity"] for c in run.final["concepts"]]
+    diag_sim = [run.matrix[k][k]["concept_similarity"] for k in range(n)]
+    final_sim = [c["concept_similarity"] for c in run.final["concepts"]]
     row = {"method": run.name,
            "fidelity_just_learned": float(np.mean(diag)),
            "fidelity_final": float(np.mean(final)),
+           "similarity_just_learned": float(np.mean(diag_sim)),
+           "similarity_final": float(np.mean(final_sim)),
+           "forgetting_similarity": float(np.mean([d - f for d, f in zip(diag_sim[:-1], final_sim[:-1])]))
+           if n > 1 else 0.0,
            "prompt_fidelity_final": float(np.mean([c["prompt_fidelity"] for c in run.final["concepts"]])),
            "forgetting": float(np.mean([d - f for d, f in zip(diag[:-1], final[:-1])])) if n > 1 else 0.0,
            "neurons_per_concept": float(np.mean(run.neurons)),
@@ -328,6 +362,8 @@ def summarize(run: MethodRun, ceiling: MethodRun | None, base_accuracy: dict) ->
     if ceiling is not None:
         ceil = float(np.mean([c["concept_fidelity"] for c in ceiling.final["concepts"]]))
         row["fidelity_vs_ceiling"] = row["fidelity_final"] / ceil if ceil else float("nan")
+        ceil_sim = float(np.mean([c["concept_similarity"] for c in ceiling.final["concepts"]]))
+        row["similarity_vs_ceiling"] = row["similarity_final"] / ceil_sim if ceil_sim else float("nan")
     if "zero_shot" in run.final:
         row["zero_shot_accuracy"] = run.final["zero_shot"]["all"]
         row["zero_shot_drift"] = base_accuracy["all"] - run.final["zero_shot"]["all"]
@@ -349,6 +385,8 @@ def run_benchmark(settings: BenchSettings, out: Path, device: str = "cpu", progr
         dirs_images = [np.asarray(Image.open(d / "00.png").convert("RGB")) for d in dirs]
         base = open_model(work / "pretrained", cns_config(settings, work / "pretrained", device))
         base_zero_shot = zero_shot(base.model, judge, 50_000)
+        similarity_validation = reference_embeddings(judge, concepts, dirs)
+        base_readings = evaluate_concepts(base.model, judge, concepts, list(range(len(concepts))), settings)
         runs: dict[str, MethodRun] = {}
         for name in settings.methods:
             t = time.perf_counter()
@@ -362,6 +400,8 @@ def run_benchmark(settings: BenchSettings, out: Path, device: str = "cpu", progr
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {device}",
               "seconds": round(time.perf_counter() - started, 1), "settings": asdict(settings),
               "pretrained_zero_shot": base_zero_shot[0], "judge": judge.record.get("validation"),
+              "similarity_validation": similarity_validation,
+              "pretrained_concept_similarity": float(np.mean([r["concept_similarity"] for r in base_readings])),
               "concepts": [c.name for c in concepts], "results": rows,
               "matrices": {name: run.matrix for name, run in runs.items()}}
     write_results(record, out)
@@ -424,7 +464,11 @@ def markdown(record: dict) -> str:
     rows = record["results"]
     columns = [("method", "method"), ("fidelity_final", "concept fidelity (final)"),
                ("fidelity_just_learned", "fidelity right after learning"), ("forgetting", "forgetting"),
-               ("fidelity_vs_ceiling", "final fidelity / ceiling"), ("prompt_fidelity_final", "prompt fidelity"),
+               ("fidelity_vs_ceiling", "final fidelity / ceiling"),
+               ("similarity_final", "concept similarity (final)"),
+               ("similarity_just_learned", "similarity right after learning"),
+               ("forgetting_similarity", "forgetting (similarity)"), ("similarity_vs_ceiling", "similarity / ceiling"),
+               ("prompt_fidelity_final", "prompt fidelity"),
                ("zero_shot_accuracy", "zero-shot accuracy"), ("zero_shot_drift", "zero-shot drift"),
                ("zero_shot_pixel_change", "zero-shot pixel change"), ("two_concepts_both", "two concepts: both right"),
                ("neurons_per_concept", "rows per concept"), ("train_seconds", "train s")]
@@ -443,19 +487,24 @@ def markdown(record: dict) -> str:
     if "cns" in by and "naive_kv" in by:
         cns, naive = by["cns"], by["naive_kv"]
         lines += ["", "Ratios (CNS against naive sequential all-K/V finetuning):", ""]
-        lines.append(f"- forgetting: {_ratio(cns['forgetting'], naive['forgetting'])} (target at most 0.333)")
+        lines.append(f"- forgetting: {_ratio(cns['forgetting'], naive['forgetting'])} (target at most 0.333); "
+                     f"on concept similarity: {_ratio(cns['forgetting_similarity'], naive['forgetting_similarity'])}")
         if "zero_shot_drift" in cns:
             lines.append(f"- zero-shot drift: {_ratio(cns['zero_shot_drift'], naive['zero_shot_drift'])} "
                          "(target at most 0.333); pixel change: "
                          f"{_ratio(cns['zero_shot_pixel_change'], naive['zero_shot_pixel_change'])}")
         if "fidelity_vs_ceiling" in cns:
             lines.append(f"- final fidelity / single-concept ceiling: {_fmt(cns['fidelity_vs_ceiling'])} "
-                         "(target at least 0.9)")
+                         f"(target at least 0.9); on concept similarity: {_fmt(cns['similarity_vs_ceiling'])}")
     if "cns" in by and "cns_random" in by:
         lines.append(f"- random rows at the same count: final fidelity {_fmt(by['cns_random']['fidelity_final'])} "
-                     f"against {_fmt(by['cns']['fidelity_final'])} for scored rows")
+                     f"against {_fmt(by['cns']['fidelity_final'])} for scored rows; similarity "
+                     f"{_fmt(by['cns_random']['similarity_final'])} against {_fmt(by['cns']['similarity_final'])}")
     lines += ["", "Forgetting = mean over concepts 1..N-1 of (fidelity right after learning it - fidelity after "
-              "all N). Zero-shot drift = the pretrained model's base-caption accuracy minus the method's "
+              "all N); the same on concept similarity (cosine of judge embeddings to the concept's own photos, "
+              "the DINO analogue; validation on fresh renders: "
+              f"{json.dumps(record['similarity_validation'])}; the pretrained model's samples for the concept "
+              f"prompts score {_fmt(record['pretrained_concept_similarity'])}). Zero-shot drift = the pretrained model's base-caption accuracy minus the method's "
               "after all concepts. Judge validation on fresh renders: "
               f"`{json.dumps(record['judge'])}`.", ""]
     return "\n".join(lines)

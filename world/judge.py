@@ -76,9 +76,12 @@ class IdentityNet(nn.Module):
         )
         self.head = nn.Linear(96 * 2, classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)
-        return self.head(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
 
 
 def _to_input(images: np.ndarray) -> torch.Tensor:
@@ -126,6 +129,13 @@ class Judge:
             if len(chunk):
                 out += [self.classes[i] for i in self.net(_to_input(chunk)).argmax(1).tolist()]
         return out
+
+    @torch.no_grad()
+    def embeddings(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Unit-length judge features (the analogue of DINO features for image similarity)."""
+        images = images.numpy() if torch.is_tensor(images) else images
+        return F.normalize(torch.cat([self.net.embed(_to_input(c)) for c in np.array_split(
+            images, max(1, len(images) // 512 + 1)) if len(c)]), dim=1)
 
     def read(self, images: np.ndarray | torch.Tensor) -> list[dict]:
         """Per image: background, colour, identity."""

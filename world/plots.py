@@ -11,12 +11,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
-def _matrix(rows: list[list[dict | None]], n: int) -> np.ndarray:
+KEY = "concept_similarity"  # graded; the strict judge identity is in matrix.csv too
+
+
+def _matrix(rows: list[list[dict | None]], n: int, key: str = KEY) -> np.ndarray:
     m = np.full((len(rows), n), np.nan)
     for j, row in enumerate(rows):
         for i, cell in enumerate(row[:n]):
             if cell is not None:
-                m[j, i] = cell["concept_fidelity"]
+                m[j, i] = cell[key]
     return m
 
 
@@ -33,10 +36,11 @@ def plot_matrices(record: dict, path: Path) -> Path:
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
     fig = Figure(figsize=(3.4 * cols, 3.2 * rows))
+    low = min(np.nanmin(_matrix(record["matrices"][name], n)) for name in names)
     for k, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, k + 1)
         m = _matrix(record["matrices"][name], n)
-        image = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        image = ax.imshow(m, vmin=low, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("concept", fontsize=8)
         ax.set_ylabel("after learning" if name not in ("lora_fused", "single_kv") else "", fontsize=8)
@@ -48,11 +52,11 @@ def plot_matrices(record: dict, path: Path) -> Path:
         if n <= 12:
             for (j, i), v in np.ndenumerate(m):
                 if not np.isnan(v):
-                    ax.text(i, j, f"{v:.1f}"[1:] if v < 1 else "1", ha="center", va="center", fontsize=5,
-                            color="white" if v < 0.5 else "black")
+                    ax.text(i, j, f"{v:.2f}"[1:] if v < 1 else "1", ha="center", va="center", fontsize=5,
+                            color="white" if v < (low + 1) / 2 else "black")
     fig.subplots_adjust(hspace=0.55, wspace=0.35)
-    fig.colorbar(image, ax=fig.axes, shrink=0.6, label="concept fidelity (judge)")
-    fig.suptitle("Concept fidelity of concept i (columns) after learning concepts 1..j (rows)")
+    fig.colorbar(image, ax=fig.axes, shrink=0.6, label="concept similarity (judge embeddings)")
+    fig.suptitle("Concept similarity of concept i (columns) after learning concepts 1..j (rows)")
     return _save(fig, path)
 
 
@@ -78,8 +82,8 @@ def plot_curves(record: dict, path: Path) -> Path:
             left.axhline(final, linestyle="--", linewidth=1,
                          label=f"{name} ({'after fusion' if name == 'lora_fused' else 'each alone'})",
                          color="gray" if name == "single_kv" else "black")
-    left.set(xlabel="concepts learned", ylabel="mean concept fidelity of the concepts so far", ylim=(-0.02, 1.02))
-    right.set(xlabel="concepts learned since", ylabel="fidelity change since learned", ylim=(-1.02, 0.5))
+    left.set(xlabel="concepts learned", ylabel="mean concept similarity of the concepts so far")
+    right.set(xlabel="concepts learned since", ylabel="similarity change since learned")
     right.axhline(0, color="black", linewidth=0.5)
     left.legend(fontsize=7)
     right.legend(fontsize=7)
