@@ -51,7 +51,7 @@ from world.concepts import write_concept_dirs
 from world.judge import load_judge
 from world.metrics import attribute_accuracy, base_prompts, concept_prompts, pair_accuracy, sample
 from world.model import MODEL_DIR
-from world.scene import BACKGROUNDS, HELDOUT_PAIRS, SHAPES, Obj, WorldConcept, caption, load_concepts
+from world.scene import BACKGROUNDS, COLORS, HELDOUT_PAIRS, SHAPES, Obj, WorldConcept, caption, load_concepts
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class BenchSettings:
 
 def world_calibration_prompts(path: Path) -> Path:
     """General neurons of the world's model come from the world's own captions."""
-    lines = [caption([Obj(s, c)], bg) for s in SHAPES for c in ("red", "green", "blue", "yellow", "purple", "orange")
+    lines = [caption([Obj(s, c)], bg) for s in SHAPES for c in COLORS
              for bg in BACKGROUNDS if (s, c) not in HELDOUT_PAIRS]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -125,7 +125,7 @@ class LoRA(nn.Module):
         self.handle.remove()
 
 
-def train_lora(cumulative: CumulativeModel, prepared, settings: BenchSettings) -> tuple[dict[str, torch.Tensor], float]:
+def train_lora(cumulative: CumulativeModel, prepared, settings: BenchSettings) -> dict[str, torch.Tensor]:
     """Train one LoRA per K/V layer and the token row; returns {layer: delta W} (not applied)."""
     model = cumulative.model
     generator = torch.Generator().manual_seed(settings.seed)
@@ -136,7 +136,6 @@ def train_lora(cumulative: CumulativeModel, prepared, settings: BenchSettings) -
         {"params": [token.row], "lr": settings.token_learning_rate}], weight_decay=0.0)
     from cns.diffusion import diffusion_loss, encode_prompts
 
-    start = time.perf_counter()
     try:
         for _ in range(settings.steps):
             latents, ids = prepared.source.sample(settings.batch_size)
@@ -148,7 +147,7 @@ def train_lora(cumulative: CumulativeModel, prepared, settings: BenchSettings) -
         for lora in loras.values():
             lora.remove()
         token.release(model.token_embedding)
-    return {name: lora.delta() for name, lora in loras.items()}, time.perf_counter() - start
+    return {name: lora.delta() for name, lora in loras.items()}
 
 
 def add_deltas(cumulative: CumulativeModel, deltas: dict[str, torch.Tensor], sign: float = 1.0) -> None:
@@ -178,7 +177,7 @@ def gray_samples(model, concepts: list[WorldConcept], indices: list[int], seed: 
 
 
 def evaluate_concepts(model, judge, concepts: list[WorldConcept], indices: list[int],
-                      settings: BenchSettings) -> list[dict]:
+                      settings: BenchSettings, references: dict[str, torch.Tensor]) -> list[dict]:
     """Concept and prompt fidelity of each concept: one sample per background (per seed). A
     sample's seed depends only on its concept's index and prompt, so a concept is drawn from the
     same noise after every later concept and in every method."""
@@ -198,30 +197,27 @@ def evaluate_concepts(model, judge, concepts: list[WorldConcept], indices: list[
         mine = [i for i, o in enumerate(owners) if o == k]
         out.append({
             "concept_fidelity": float(np.mean([reads[i]["identity"] == concept.name for i in mine])),
-            "concept_similarity": float((embeddings[mine] @ REFERENCE_EMBEDDINGS[concept.name]).mean()),
+            "concept_similarity": float((embeddings[mine] @ references[concept.name]).mean()),
             "prompt_fidelity": float(np.mean([reads[i]["background"] == bgs[i] for i in mine])),
         })
     return out
 
 
-# concept name -> unit mean judge embedding of its photos (set by run_benchmark)
-REFERENCE_EMBEDDINGS: dict[str, torch.Tensor] = {}
-
-
-def reference_embeddings(judge, concepts: list[WorldConcept], dirs: list[Path]) -> dict:
-    """Each concept's reference for concept similarity: the mean judge embedding of its photos.
-    Returns the similarity's validation on fresh renders: same concept against other concepts."""
+def reference_embeddings(judge, concepts: list[WorldConcept], dirs: list[Path]) -> tuple[dict, dict]:
+    """Each concept's reference for concept similarity (the unit mean judge embedding of its
+    photos), and the similarity's validation on fresh renders: same concept against others."""
     from world.scene import concept_training_scenes, render
 
+    references = {}
     for concept, directory in zip(concepts, dirs):
         photos = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(directory.glob("*.png"))])
-        REFERENCE_EMBEDDINGS[concept.name] = torch.nn.functional.normalize(judge.embeddings(photos).mean(0), dim=0)
+        references[concept.name] = torch.nn.functional.normalize(judge.embeddings(photos).mean(0), dim=0)
     same, other = [], []
     for concept in concepts:
         fresh = judge.embeddings(np.stack([render(s) for s in concept_training_scenes(concept, 6, seed=999)]))
-        for name, ref in REFERENCE_EMBEDDINGS.items():
+        for name, ref in references.items():
             (same if name == concept.name else other).append(float((fresh @ ref).mean()))
-    return {"same_concept": float(np.mean(same)), "other_concepts": float(np.mean(other))}
+    return references, {"same_concept": float(np.mean(same)), "other_concepts": float(np.mean(other))}
 
 
 def zero_shot(model, judge, seed: int) -> tuple[dict, np.ndarray]:
@@ -242,7 +238,8 @@ def two_concepts(model, judge, concepts: list[WorldConcept], seed: int) -> dict:
 
 
 def run_method(name: str, settings: BenchSettings, concepts: list[WorldConcept], concept_dirs: list[Path],
-               judge, work: Path, base_zero_shot: tuple[dict, np.ndarray], device: str = "cpu") -> MethodRun:
+               judge, references: dict[str, torch.Tensor], work: Path, base_zero_shot: tuple[dict, np.ndarray],
+               device: str = "cpu") -> MethodRun:
     from cns.concept import load_concept, hash_concept_dir
 
     run = MethodRun(name)
@@ -277,7 +274,7 @@ def run_method(name: str, settings: BenchSettings, concepts: list[WorldConcept],
                      pretrained=cumulative.pretrained, progress=False)
             run.neurons.append(count(all_rows))
         else:  # LoRA
-            deltas, _ = train_lora(cumulative, prepared, settings)
+            deltas = train_lora(cumulative, prepared, settings)
             add_deltas(cumulative, deltas)
             if name == "lora_fused":
                 fused.append(deltas)
@@ -286,20 +283,21 @@ def run_method(name: str, settings: BenchSettings, concepts: list[WorldConcept],
         learned.append(concept)
         if name == "single_kv":
             row = [None] * len(concepts)
-            row[k] = evaluate_concepts(cumulative.model, judge, [concept], [k], settings)[0]
+            row[k] = evaluate_concepts(cumulative.model, judge, [concept], [k], settings, references)[0]
             run.matrix.append(row)
             print(f"[bench world] {name} {concept.name}: fidelity {row[k]['concept_fidelity']:.2f}", flush=True)
             run.samples += gray_samples(cumulative.model, [concept], [k], 90_000)
             continue
         if name == "lora_fused":
             # "right after learning" = the concept's own LoRA alone; then back to the pretrained weights.
-            reading = evaluate_concepts(cumulative.model, judge, [concept], [k], settings)[0]
+            reading = evaluate_concepts(cumulative.model, judge, [concept], [k], settings, references)[0]
             add_deltas(cumulative, deltas, -1.0)
             row = [None] * len(concepts)
             row[k] = reading
             run.matrix.append(row)
             continue
-        readings = evaluate_concepts(cumulative.model, judge, learned, list(range(len(learned))), settings)
+        readings = evaluate_concepts(cumulative.model, judge, learned, list(range(len(learned))), settings,
+                                     references)
         run.matrix.append(readings + [None] * (len(concepts) - len(learned)))
         print(f"[bench world] {name} after {concept.name}: fidelity {readings[-1]['concept_fidelity']:.2f}, "
               f"mean so far {np.mean([r['concept_fidelity'] for r in readings]):.2f}, "
@@ -307,7 +305,8 @@ def run_method(name: str, settings: BenchSettings, concepts: list[WorldConcept],
     if name == "lora_fused":
         for deltas in fused:
             add_deltas(cumulative, deltas)
-        run.matrix.append(evaluate_concepts(cumulative.model, judge, learned, list(range(len(learned))), settings))
+        run.matrix.append(evaluate_concepts(cumulative.model, judge, learned, list(range(len(learned))), settings,
+                                            references))
     if name == "single_kv":
         run.final = {"concepts": [run.matrix[k][k] for k in range(len(concepts))]}
         run.weights_changed = weights_in(all_rows, cumulative.layers)
@@ -372,7 +371,7 @@ def summarize(run: MethodRun, ceiling: MethodRun | None, base_accuracy: dict) ->
     return row
 
 
-def run_benchmark(settings: BenchSettings, out: Path, device: str = "cpu", progress: bool = True) -> Path:
+def run_benchmark(settings: BenchSettings, out: Path, device: str = "cpu") -> Path:
     started = time.perf_counter()
     concepts = load_concepts()[:settings.concepts]
     if len(concepts) < settings.concepts:
@@ -385,12 +384,14 @@ def run_benchmark(settings: BenchSettings, out: Path, device: str = "cpu", progr
         dirs_images = [np.asarray(Image.open(d / "00.png").convert("RGB")) for d in dirs]
         base = open_model(work / "pretrained", cns_config(settings, work / "pretrained", device))
         base_zero_shot = zero_shot(base.model, judge, 50_000)
-        similarity_validation = reference_embeddings(judge, concepts, dirs)
-        base_readings = evaluate_concepts(base.model, judge, concepts, list(range(len(concepts))), settings)
+        references, similarity_validation = reference_embeddings(judge, concepts, dirs)
+        base_readings = evaluate_concepts(base.model, judge, concepts, list(range(len(concepts))), settings,
+                                          references)
         runs: dict[str, MethodRun] = {}
         for name in settings.methods:
             t = time.perf_counter()
-            runs[name] = run_method(name, settings, concepts, dirs, judge, work, base_zero_shot, device)
+            runs[name] = run_method(name, settings, concepts, dirs, judge, references, work, base_zero_shot,
+                                    device)
             log.info("%s done in %.0fs", name, time.perf_counter() - t)
             print(f"[bench world] {name}: {time.perf_counter() - t:.0f}s", flush=True)
     ceiling = runs.get("single_kv")

@@ -64,7 +64,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings.concepts = args.concepts_count
     if args.methods:
         settings.methods = args.methods.split(",")
-    out = run_benchmark(settings, Path(args.out), device=_device(args.device), progress=not args.quiet)
+    out = run_benchmark(settings, Path(args.out), device=_device(args.device))
     print(f"wrote the results to {out}")
     return 0
 

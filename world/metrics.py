@@ -2,10 +2,7 @@
 
 - attribute accuracy: for base captions "a {colour} {shape} on a {bg} background", the share of
   samples whose shape, colour and background read back as asked (and all three at once);
-- concept fidelity: the share of a concept's samples that the judge identifies as that concept
-  (the analogue of CLIP-I/DINO);
-- prompt fidelity: the share of a concept's samples whose background is the one asked for
-  (the analogue of CLIP-T);
+- concept fidelity, concept similarity and prompt fidelity: see world.bench.evaluate_concepts;
 - two concepts in one prompt: the share where the left and right objects are both right.
 """
 
@@ -53,11 +50,6 @@ def attribute_accuracy(model: DiffusionModel, judge: Judge, triples: list[tuple[
 
 def concept_prompts(concept: WorldConcept, backgrounds: list[str] | None = None) -> list[tuple[str, str]]:
     return [(caption([Obj(concept=concept)], bg), bg) for bg in (backgrounds or list(BACKGROUNDS))]
-
-
-def concept_fidelity(reads: list[dict], concept: WorldConcept, backgrounds: list[str]) -> dict:
-    return {"concept_fidelity": float(np.mean([r["identity"] == concept.name for r in reads])),
-            "prompt_fidelity": float(np.mean([r["background"] == bg for r, bg in zip(reads, backgrounds)]))}
 
 
 def pair_accuracy(pair_reads: list[tuple[dict, dict]], pairs: list[tuple[WorldConcept, WorldConcept]],

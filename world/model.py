@@ -10,11 +10,11 @@ dataset), trains UNet and text encoder jointly, keeps an EMA of the weights and 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,18 +148,11 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, device: str = "cpu", p
         record["evaluation"] = evaluate_fn(model)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     save_pixel_model(model, tmp)
     (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return record
 
-
-def copy_model(model: DiffusionModel) -> DiffusionModel:
-    return copy.deepcopy(model)
