@@ -209,11 +209,12 @@ def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
     cache = cache or HashCache(None)
     datasets: dict[str, Dataset] = {}
     for obj in list_objects(s3, bucket, INCOMING + (concept + "/" if concept else "")):
-        concept, sep, _ = obj.key[len(INCOMING):].partition("/")
+        # ``folder``, not ``concept``: the parameter decides below whether rejected/ is read whole.
+        folder, sep, _ = obj.key[len(INCOMING):].partition("/")
         if not sep:
             log.debug("%s: not inside a concept folder, ignored", _uri(bucket, obj.key))
             continue
-        datasets.setdefault(concept, Dataset(concept)).objects.append(obj)
+        datasets.setdefault(folder, Dataset(folder)).objects.append(obj)
     rejected = rejected_keys(s3, bucket, concept)
     learned = lineage.dataset_hashes if lineage else set()
     ready = [d for d in datasets.values() if d.ready]

@@ -143,3 +143,19 @@ def test_good_dataset_validates_and_writes_no_record(running_stack, tmp_path, co
                               tmp_path / "work", limits=LIMITS, lineage=None)
     assert (concept.name, concept.token, len(concept.image_paths)) == (concept_name, "<fine1>", 3)
     assert list(bucket.list_objects(s3, running_stack.bucket, f"rejected/{concept_name}/")) == []
+
+
+def test_full_scan_reads_every_folders_rejection_records(running_stack, tmp_path, concept_name):
+    """Regression (issue 10, item 1): a full scan read only the last folder's rejected/ records, so
+    every other rejected dataset came back as pending and was fetched and rejected on every pass."""
+    s3 = running_stack.client()
+    rejected = [f"{concept_name}-a", f"{concept_name}-b"]
+    for name in rejected:
+        bucket.drop(s3, running_stack.bucket, make_concept(tmp_path, name, images=1), check=False)
+        concept, _ = bucket.validate_or_reject(s3, running_stack.bucket, one(s3, running_stack.bucket, name),
+                                               limits=LIMITS, lineage=None)
+        assert concept is None
+    bucket.drop(s3, running_stack.bucket, make_concept(tmp_path, f"{concept_name}-z"))
+    states = {d.concept: d.state for d in bucket.scan(s3, running_stack.bucket, limits=LIMITS, lineage=None)}
+    assert [states[name] for name in rejected] == ["rejected", "rejected"]
+    assert states[f"{concept_name}-z"] == "pending"
