@@ -88,6 +88,8 @@ def _name(dataset: Dataset, obj: S3Object) -> str:
 
 
 def _counts(name: str) -> bool:
+    if "/" in name:  # a sub-folder's object or a folder key ("00.png/"): never part of the dataset
+        return False
     return name == MANIFEST or Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
@@ -124,14 +126,20 @@ def listing_problem(dataset: Dataset, bucket: str, limits: LimitsConfig) -> Conc
                             "key_invalid")
     for obj in dataset.objects:
         name = _name(dataset, obj)
-        if obj.key.endswith("/") and obj.size == 0:
-            continue  # a "folder" marker some upload tools create
+        if name == "" and obj.size == 0:
+            continue  # the concept folder's own marker ("Create folder" in a console)
+        if name.endswith("/"):
+            # A folder (marker) inside the dataset; S3 servers also list "00.png/" this way, and
+            # a download would write it as a file named 00.png.
+            return ConceptError(_uri(bucket, obj.key), "key ends in '/' (a folder); images and concept.yaml must "
+                                "sit directly under incoming/<concept>/", "key_invalid")
+        for segment in name.split("/"):
+            problem = _segment_problem(segment)
+            if problem:
+                return ConceptError(_uri(bucket, obj.key), f"key {problem}", "key_invalid")
         if "/" in name:
             return ConceptError(_uri(bucket, obj.key), "is in a sub-folder; images and concept.yaml must sit "
                                 "directly under incoming/<concept>/", "key_invalid")
-        problem = _segment_problem(name)
-        if problem:
-            return ConceptError(_uri(bucket, obj.key), f"key {problem}", "key_invalid")
         if obj.size > limits.max_object_bytes:
             return ConceptError(_uri(bucket, obj.key), f"object is {obj.size} bytes, over the limit of "
                                 f"{limits.max_object_bytes}", "object_too_large")
@@ -293,6 +301,14 @@ def download(s3, bucket: str, dataset: Dataset, dest: Path) -> Path:
     """Copy the dataset's files into ``dest/<concept>/``; raises dataset_changed when the bytes or
     the listing differ from what was listed."""
     local = dest / dataset.concept
+    if _segment_problem(dataset.concept) or "/" in dataset.concept:
+        raise ConceptError(_uri(bucket, f"{INCOMING}{dataset.concept}/"), "concept folder name is not one plain "
+                           "name", "key_invalid")
+    for obj in dataset.objects:  # the listing rules already refuse these; never write outside ``local``
+        name = _name(dataset, obj)
+        if name and ("/" in name or _segment_problem(name)):
+            raise ConceptError(_uri(bucket, obj.key), "key is not one plain file name directly under "
+                               f"incoming/{dataset.concept}/", "key_invalid")
     local.mkdir(parents=True)
     digests = {}
     for obj in dataset.files:

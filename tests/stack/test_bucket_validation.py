@@ -59,6 +59,12 @@ def build(kind: str, tmp_path, concept: str):
         extra = {"nested/04.png": b"whatever"}
     elif kind == "key_with_control_character":
         extra = {"bad\x01name.png": b"whatever"}
+    elif kind == "key_ending_in_slash":  # listed as a 0-byte "folder" that looks like an image
+        extra = {"07.png/": b""}
+    elif kind == "key_ending_in_slash_with_a_body":  # SeaweedFS keeps it as a folder (listed with size 0)
+        extra = {"08.png/": b"not a folder"}
+    elif kind == "subfolder_marker":
+        extra = {"more/": b""}
     elif kind == "token_taken":
         manifest = {"token": TAKEN_TOKEN, "class_noun": "dog"}
     elif kind == "name_taken":
@@ -83,6 +89,9 @@ CASES = {  # kind -> expected code
     "object_too_large": "object_too_large",
     "key_in_subfolder": "key_invalid",
     "key_with_control_character": "key_invalid",
+    "key_ending_in_slash": "key_invalid",
+    "key_ending_in_slash_with_a_body": "key_invalid",
+    "subfolder_marker": "key_invalid",
     "token_taken": "token_taken",
     "name_taken": "name_taken",
 }
@@ -171,3 +180,59 @@ def test_error_record_names_the_offending_object(running_stack, tmp_path, concep
     record = reject_and_check(s3, name, dataset, model_dir, "image_unreadable")
     assert record["object"] == f"s3://{name}/incoming/{concept_name}/99.png"
     assert "not a readable image" in record["message"]
+
+
+def files_under(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_key_ending_in_slash_is_rejected_before_any_file_is_written(running_stack, tmp_path, concept_name,
+                                                                    model_dir):
+    """Regression (issue 10, item 3): ``03.png/`` was skipped as a folder marker by the listing
+    rules but downloaded as a file ``03.png`` (on a server that also holds ``03.png``, over it)."""
+    s3, name = running_stack.client(), running_stack.bucket
+    directory = make_concept(tmp_path / "src", concept_name)
+    upload_raw(s3, name, directory, concept_name, {"03.png/": b""})
+    (dataset,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
+    work = tmp_path / "work" / "inner"
+    work.mkdir(parents=True)
+    with pytest.raises(bucket.ConceptError) as caught:
+        bucket.validate(s3, name, dataset, work, limits=LIMITS, lineage=None)
+    assert caught.value.code == "key_invalid"
+    assert caught.value.path == f"s3://{name}/incoming/{concept_name}/03.png/"
+    assert files_under(tmp_path / "work") == ["inner"]
+
+
+def test_dot_dot_keys_are_refused_by_the_server(running_stack, concept_name):
+    """SeaweedFS refuses '.' and '..' segments on upload, so no such key can enter this bucket."""
+    s3, name = running_stack.client(), running_stack.bucket
+    for key in (f"incoming/{concept_name}/../escape.png", f"incoming/{concept_name}/a/../../escape.png/",
+                f"incoming/{concept_name}/./00.png"):
+        with pytest.raises(bucket.client_errors()):
+            s3.put_object(Bucket=name, Key=key, Body=b"x")
+    assert list(bucket.list_objects(s3, name, f"incoming/{concept_name}/")) == []
+
+
+@pytest.mark.parametrize("odd_key", ["../../escape.png", "../../escape.png/", "a/../../escape.png/", "./00.png"])
+def test_a_listing_with_dot_dot_keys_is_rejected_and_nothing_escapes(running_stack, tmp_path, concept_name,
+                                                                     model_dir, odd_key):
+    """Other S3 servers (AWS) accept '..' in keys: the listing rules reject them before any read.
+    The listing is the real one of a good dataset plus the key such a server would list."""
+    s3, name = running_stack.client(), running_stack.bucket
+    upload_raw(s3, name, make_concept(tmp_path / "src", concept_name), concept_name)
+    (dataset,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
+    dataset.objects.append(bucket.S3Object(f"incoming/{concept_name}/{odd_key}", dataset.objects[0].etag, 0))
+    dataset.problem = bucket.listing_problem(dataset, name, LIMITS)
+    dataset.hash, dataset.hash_kind = dataset.signature, "listing"
+    work = tmp_path / "work" / "inner"
+    work.mkdir(parents=True)
+    with pytest.raises(bucket.ConceptError) as caught:
+        bucket.validate(s3, name, dataset, work, limits=LIMITS, lineage=None)
+    assert caught.value.code == "key_invalid"
+    assert files_under(tmp_path / "work") == ["inner"]
+    # and the download itself refuses a key that is not one plain file name
+    dataset.problem = None
+    with pytest.raises(bucket.ConceptError) as caught:
+        bucket.download(s3, name, dataset, work)
+    assert caught.value.code == "key_invalid"
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path / "work" / "escape.png").exists()
