@@ -27,13 +27,32 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from world.judge import load_judge
-    from world.metrics import attribute_accuracy, base_prompts
+    from dataclasses import replace
+
     from world.model import PretrainConfig, pretrain
 
-    config = PretrainConfig(**({"steps": args.steps} if args.steps else {}))
+    config = PretrainConfig()
+    if args.steps:
+        config = replace(config, steps=args.steps)
+    if args.batch_size:  # e.g. 256 on a GPU, with fewer steps and its own --checkpoint folder
+        config = replace(config, batch_size=args.batch_size)
+    state = pretrain(args.checkpoint, config, device=_device(args.device), budget_minutes=args.budget_minutes,
+                     checkpoint_minutes=args.checkpoint_minutes, progress=not args.quiet)
+    print(f"pretraining: step {state['step']} of {config.steps}, {state['train_seconds'] / 60:.1f} min in all; "
+          f"checkpoint in {args.checkpoint}")
+    if state["step"] < config.steps:
+        print("not finished: run the same command again to resume")
+        return 0
+    return export(args)
+
+
+def export(args: argparse.Namespace) -> int:
+    from world.model import export_model
 
     def evaluate(model):
+        from world.judge import load_judge
+        from world.metrics import attribute_accuracy, base_prompts
+
         judge = load_judge(args.judge)
         model.to(_device(args.device))
         out = {which: attribute_accuracy(model, judge, base_prompts(which, per_pair=args.eval_per_pair), seed=10_000)
@@ -41,9 +60,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         model.to("cpu")
         return out
 
-    record = pretrain(args.out, config, device=_device(args.device), progress=not args.quiet, evaluate_fn=evaluate)
-    print(json.dumps({k: record[k] for k in ("device", "train_seconds", "seconds_per_step", "final_loss",
-                                             "evaluation")}, indent=2))
+    record = export_model(args.checkpoint, args.out, evaluate_fn=None if args.no_eval else evaluate)
+    print(json.dumps({k: record.get(k) for k in ("steps_done", "complete", "train_seconds", "final_loss",
+                                                 "evaluation")}, indent=2))
+    print(f"wrote the model to {args.out}")
     return 0
 
 
@@ -71,7 +91,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from world.judge import JUDGE_DIR
-    from world.model import MODEL_DIR
+    from world.model import CHECKPOINT_DIR, MODEL_DIR
     from world.scene import CONCEPTS_FILE
 
     world = sub.add_parser("world", help="build the benchmark world (judge, pretrained model, concept folders)")
@@ -80,12 +100,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--out", default=str(JUDGE_DIR))
     p.set_defaults(func=cmd_judge)
-    p = wsub.add_parser("pretrain", help="pretrain the world's text-to-image model from scratch")
+    p = wsub.add_parser("pretrain", help="pretrain the world's text-to-image model (resumes from its checkpoint)")
     p.add_argument("--steps", type=int, default=None, help="default: world.model.PretrainConfig.steps")
-    p.add_argument("--out", default=str(MODEL_DIR))
-    p.add_argument("--judge", default=str(JUDGE_DIR))
-    p.add_argument("--eval-per-pair", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="default: world.model.PretrainConfig.batch_size")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="stop (checkpoint saved) after this much wall clock; run again to resume")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.set_defaults(func=cmd_pretrain)
+    e = wsub.add_parser("export", help="write the checkpoint's EMA weights as the model folder (even mid-run)")
+    e.set_defaults(func=export)
+    for q in (p, e):
+        q.add_argument("--checkpoint", default=str(CHECKPOINT_DIR))
+        q.add_argument("--out", default=str(MODEL_DIR))
+        q.add_argument("--judge", default=str(JUDGE_DIR))
+        q.add_argument("--eval-per-pair", type=int, default=4)
+        q.add_argument("--no-eval", action="store_true", help="skip the held-out caption evaluation")
     p = wsub.add_parser("concepts", help="render each concept's training photos as a cns concept folder")
     p.add_argument("--out", default="data/world/concepts")
     p.add_argument("--images", type=int, default=5)

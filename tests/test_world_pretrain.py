@@ -1,0 +1,68 @@
+"""The glyph family the world model is pretrained on, and resumable pretraining."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import cns_testing  # noqa: F401  (one torch thread, offline)
+
+
+def test_no_pretraining_glyph_comes_within_the_holdout_distance_of_a_concept():
+    from world.scene import HOLDOUT_DISTANCE, glyph_distance, load_concepts, random_glyph
+
+    concepts = load_concepts()
+    rng = np.random.default_rng(5)
+    glyphs = [random_glyph(rng, concepts) for _ in range(400)]
+    nearest = [min(glyph_distance(g, c.bitmap) for g in glyphs) for c in concepts]
+    assert min(nearest) >= HOLDOUT_DISTANCE
+    # ... yet the family is close: most concepts have a relative a few cells past the line.
+    assert sum(d <= HOLDOUT_DISTANCE + 4 for d in nearest) >= len(concepts) // 2, nearest
+    assert len(set(glyphs)) > 300, "the family should be varied"
+
+
+def test_glyph_distance_ignores_which_colours_a_structure_wears():
+    from world.scene import glyph_distance, load_concepts
+
+    ringdot = next(c for c in load_concepts() if c.name == "ringdot")
+    recoloured = tuple(row.replace("R", "b").replace("Y", "R").replace("b", "G") for row in ringdot.bitmap)
+    assert glyph_distance(recoloured, ringdot.bitmap) == 0
+    one_cell = (("G" + recoloured[0][1:]),) + recoloured[1:]
+    assert glyph_distance(one_cell, ringdot.bitmap) == 1
+
+
+def test_family_glyphs_are_captioned_by_their_colours_and_the_class_noun():
+    from world.scene import GLYPH, random_base_scene
+
+    scene = random_base_scene(np.random.default_rng(0), two_object_rate=0.0, glyph_rate=1.0)
+    words = scene.caption().split()
+    assert GLYPH in words and scene.objects[0].identity == GLYPH
+    assert scene.caption().endswith("background")
+
+
+def test_pretraining_stops_on_its_budget_and_resumes_to_the_same_end(tmp_path):
+    from world.model import PretrainConfig, export_model, pretrain
+
+    config = PretrainConfig(steps=4, batch_size=2, warmup_steps=2)
+    first = pretrain(tmp_path / "ckpt", config, budget_minutes=0.0, progress=False)
+    assert first["step"] == 1, "a zero budget stops after one step, checkpoint saved"
+    resumed = pretrain(tmp_path / "ckpt", config, progress=False)
+    assert resumed["step"] == 4
+    assert [p["from_step"] for p in resumed["parts"]] == [0, 1]
+    again = pretrain(tmp_path / "ckpt", config, progress=False)
+    assert again["step"] == 4 and len(again["parts"]) == 2, "a finished run does nothing more"
+    record = export_model(tmp_path / "ckpt", tmp_path / "model")
+    assert record["complete"] and (tmp_path / "model" / "unet").is_dir()
+    assert json.loads((tmp_path / "model" / "pretrain.json").read_text())["steps_done"] == 4
+
+
+def test_a_checkpoint_resumes_only_under_its_own_settings(tmp_path):
+    from cns.errors import CNSError
+    from world.model import PretrainConfig, pretrain
+
+    pretrain(tmp_path / "ckpt", PretrainConfig(steps=2, batch_size=2, warmup_steps=1), budget_minutes=0.0,
+             progress=False)
+    with pytest.raises(CNSError, match="other settings"):
+        pretrain(tmp_path / "ckpt", PretrainConfig(steps=2, batch_size=4, warmup_steps=1), progress=False)
