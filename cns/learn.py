@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cns.calibration import cached_general_neurons
+from cns.calibration import cached_general_neurons, load_calibration_prompts
 from cns.concept import MANIFEST, Concept, hash_concept_dir, load_concept
 from cns.config import Config
 from cns.cumulative import CumulativeModel, file_digest, open_model
@@ -117,7 +117,8 @@ def score(cumulative: CumulativeModel, prepared: PreparedConcept, config: Config
 
 def select(cumulative: CumulativeModel, scores, general_mask: Mask, config: Config) -> Selection:
     return select_concept_neurons(scores, config.scoring.base_ratio, general_mask, cumulative.owned(),
-                                  exclude_owned=config.selection.exclude_owned)
+                                  exclude_owned=config.selection.exclude_owned,
+                                  rank_among_free=config.selection.rank_among_free)
 
 
 def earlier_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.Tensor | None:
@@ -128,6 +129,21 @@ def earlier_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.
     for record in cumulative.lineage.concepts:
         prompts += record.prompts or [config.train.prompt_template.format(token=record.token,
                                                                           class_noun=record.class_noun)]
+    return prompt_states(cumulative, prompts)
+
+
+def generic_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.Tensor | None:
+    """Text states of up to ``train.reg_generic_prompts`` calibration captions (an even spread of
+    the set), for L_reg's generic output prior: what K/V rows return for ordinary prompts."""
+    if not config.train.reg_generic_weight or not config.train.reg_generic_prompts:
+        return None
+    prompts = load_calibration_prompts(config.calibration.prompts_file)
+    step = max(1, len(prompts) // config.train.reg_generic_prompts)
+    return prompt_states(cumulative, prompts[::step][:config.train.reg_generic_prompts])
+
+
+def prompt_states(cumulative: CumulativeModel, prompts: list[str]) -> torch.Tensor:
+    """The text encoder's states of ``prompts``, start to end token (padding left out), stacked."""
     ids = tokenize(cumulative.model, prompts)
     eos = cumulative.model.tokenizer.eos_token_id
     keep = torch.arange(ids.shape[1]).unsqueeze(0) <= (ids == eos).int().argmax(dim=1, keepdim=True)
@@ -141,6 +157,7 @@ def train(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Sel
     result = finetune(cumulative.model, cumulative.layers, selection.concept, prepared.token_id, prepared.source,
                       config.train, pretrained=cumulative.pretrained,
                       earlier_prompt_states=earlier_prompt_states(cumulative, config),
+                      generic_prompt_states=generic_prompt_states(cumulative, config),
                       mixed_precision=config.model.mixed_precision, progress=progress)
     prepared.timings["train"] = result.seconds
     return result

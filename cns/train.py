@@ -104,14 +104,11 @@ class TrainResult:
 
 def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_id: int,
              source: ConceptBatchSource, config: TrainConfig, *, pretrained: dict[str, torch.Tensor],
-             earlier_prompt_states: torch.Tensor | None = None, mixed_precision: str = "no",
-             progress: bool = True) -> TrainResult:
+             earlier_prompt_states: torch.Tensor | None = None, generic_prompt_states: torch.Tensor | None = None,
+             mixed_precision: str = "no", progress: bool = True) -> TrainResult:
     """Train the masked rows and the token embedding; writes the result into ``model`` in place.
 
-    Loss = diffusion loss on the concept's images + L_reg, where L_reg ties each trained row to
-    its value before this concept (``reg_previous_weight``) and to the pretrained value
-    (``reg_pretrained_weight``), plus optionally the rows' outputs on earlier concepts' prompt
-    states (``reg_output_weight``).
+    Loss = diffusion loss on the concept's images + L_reg (see :func:`regularization`).
     """
     device = model.device
     active = [layer for layer in layers if bool(concept[layer.name].any())]
@@ -142,7 +139,7 @@ def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_
             with autocast(device, mixed_precision):
                 states = encode_prompts(model, input_ids)
                 loss = diffusion_loss(model, latents, states, source.generator)
-            reg = _regularization(trained, pretrained_rows, earlier_prompt_states, config)
+            reg = regularization(trained, pretrained_rows, earlier_prompt_states, generic_prompt_states, config)
             total = loss.float() + reg
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -167,19 +164,40 @@ def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_
                        optimizer_state_bytes=state_bytes)
 
 
-def _regularization(trained: dict[str, TrainableRows], pretrained_rows: dict[str, torch.Tensor],
-                    earlier_prompt_states: torch.Tensor | None, config: TrainConfig) -> torch.Tensor:
-    """L_reg over the trained rows. "Previous" is the rows' value before this concept, which is
-    exactly the frozen weight the hook starts from."""
-    reg = torch.zeros(())
+def regularization(trained: dict[str, TrainableRows], pretrained_rows: dict[str, torch.Tensor],
+                   earlier_prompt_states: torch.Tensor | None, generic_prompt_states: torch.Tensor | None,
+                   config: TrainConfig) -> torch.Tensor:
+    """L_reg over the trained rows, every term a *mean*:
+
+    - ``reg_previous_weight`` x mean squared change of each trained weight since before this
+      concept (exactly the frozen weight the hook starts from);
+    - ``reg_pretrained_weight`` x mean squared distance to the pretrained weights;
+    - ``reg_output_weight`` x mean squared change of the rows' outputs on earlier concepts'
+      prompt states (protects what earlier concepts' tokens read from these rows);
+    - ``reg_generic_weight`` x the same on generic captions' states (protects every other prompt,
+      while the concept's own token, absent from those captions, stays free).
+
+    Means, not sums: a sum over thousands of weights under Adam settles each weight at a change
+    of about g / (2 lambda) whatever the learning rate, which pinned the rows at 9-12% of their
+    norm and reduced CNS to textual inversion (docs/world.md). A mean keeps the balance between
+    the terms independent of how many rows a concept trains.
+    """
+    device = next(iter(trained.values())).weight.device if trained else torch.device("cpu")
+    weights = sum(rows.weight.numel() for rows in trained.values()) or 1
+    previous = pretrained = torch.zeros((), device=device)
+    outputs = {"earlier": (earlier_prompt_states, config.reg_output_weight, []),
+               "generic": (generic_prompt_states, config.reg_generic_weight, [])}
     for name, rows in trained.items():
-        reg = reg.to(rows.weight.device)
         moved = rows.weight - rows.frozen_weight.float()
         if config.reg_previous_weight:
-            reg = reg + config.reg_previous_weight * moved.pow(2).sum()
+            previous = previous + moved.pow(2).sum()
         if config.reg_pretrained_weight:
-            reg = reg + config.reg_pretrained_weight * (rows.weight - pretrained_rows[name]).pow(2).sum()
-        if config.reg_output_weight and earlier_prompt_states is not None and len(earlier_prompt_states):
-            x = earlier_prompt_states.to(rows.weight.device).float()
-            reg = reg + config.reg_output_weight * (x @ moved.T).pow(2).mean()
+            pretrained = pretrained + (rows.weight - pretrained_rows[name]).pow(2).sum()
+        for states, weight, terms in outputs.values():
+            if weight and states is not None and len(states):
+                terms.append((states.to(device).float() @ moved.T).pow(2))
+    reg = config.reg_previous_weight * previous / weights + config.reg_pretrained_weight * pretrained / weights
+    for states, weight, terms in outputs.values():
+        if terms:
+            reg = reg + weight * torch.cat(terms, dim=1).mean()
     return reg

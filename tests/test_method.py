@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -65,11 +66,18 @@ def test_general_neurons_are_never_selected(two_concepts):
 def test_selection_ratios_hold(two_concepts):
     tc = two_concepts
     cfg = tc.config
-    masks = _masks(tc, 1)
+    masks, scores = load_masks(tc.model_dir / tc.records[1].mask)
     for layer in kv_layers(tc.cumulative.model.unet):
-        base = masks["base"][layer.name]
-        assert int(base.sum()) == rows_for_ratio(layer.rows, cfg.scoring.base_ratio), layer.name
-        assert not (masks["concept"][layer.name] & ~base).any(), "concept neuron outside the base neurons"
+        k = rows_for_ratio(layer.rows, cfg.scoring.base_ratio)
+        base, concept = masks["base"][layer.name], masks["concept"][layer.name]
+        blocked = masks["general"][layer.name] | masks["owned"][layer.name]
+        assert int(base.sum()) == k, layer.name
+        assert int(concept.sum()) == min(k, int((~blocked).sum())), "every concept gets the layer's full budget"
+        assert not (concept & blocked).any()
+        score = scores[layer.name]
+        free_not_taken = score[~blocked & ~concept]
+        if len(free_not_taken):
+            assert score[concept].min() >= free_not_taken.max(), "not the top rows among the free ones"
     prompts = load_calibration_prompts()
     cached = load_file(cache_path(cfg.cache_dir, tc.cumulative.base_hash, prompts, cfg.calibration))
     for name, general in masks["general"].items():
@@ -77,6 +85,55 @@ def test_selection_ratios_hold(two_concepts):
         assert torch.equal(general, frequency >= cfg.calibration.general_consistency - 1e-9)
         top_k = rows_for_ratio(general.numel(), cfg.calibration.general_ratio)
         assert int(general.sum()) <= top_k, "more general neurons than any one prompt's top rows"
+
+
+def test_later_concepts_get_the_same_row_budget_when_top_rows_are_owned():
+    from cns.selection import select_concept_neurons
+
+    scores = {"a": torch.arange(20, dtype=torch.float32), "b": torch.arange(10, dtype=torch.float32).flip(0)}
+    none = {"a": torch.zeros(20, dtype=torch.bool), "b": torch.zeros(10, dtype=torch.bool)}
+    owned = {"a": torch.arange(20) >= 15, "b": torch.arange(10) < 3}  # every top row is taken already
+    ranked = select_concept_neurons(scores, 0.25, none, owned)
+    assert [int(m.sum()) for m in ranked.concept.values()] == [5, 2]
+    assert ranked.concept["a"].nonzero().flatten().tolist() == [10, 11, 12, 13, 14]
+    assert ranked.concept["b"].nonzero().flatten().tolist() == [3, 4]
+    older = select_concept_neurons(scores, 0.25, none, owned, rank_among_free=False)
+    assert sum(int(m.sum()) for m in older.concept.values()) == 0, "the older rule starves this concept"
+
+
+def test_l_reg_is_a_mean_so_its_size_does_not_grow_with_the_rows_trained():
+    from cns.config import TrainConfig
+    from cns.train import TrainableRows, regularization
+
+    torch.manual_seed(0)
+    config = TrainConfig(reg_previous_weight=1.0, reg_pretrained_weight=0.5, reg_output_weight=0.0,
+                         reg_generic_weight=0.0)
+    values = []
+    for rows in (2, 16):
+        linear = torch.nn.Linear(8, 32, bias=False)
+        trained = TrainableRows(linear, torch.arange(rows))
+        with torch.no_grad():
+            trained.weight.add_(0.1)  # every weight moved by 0.1
+        values.append(float(regularization({"k": trained}, {"k": trained.frozen_weight.float()}, None, None, config)))
+        trained.handle.remove()
+    assert values[0] == pytest.approx(values[1]) == pytest.approx(1.5 * 0.01)
+
+
+def test_the_generic_prior_penalises_only_what_ordinary_words_read():
+    from cns.config import TrainConfig
+    from cns.train import TrainableRows, regularization
+
+    config = TrainConfig(reg_previous_weight=0.0, reg_pretrained_weight=0.0, reg_generic_weight=1.0)
+    linear = torch.nn.Linear(4, 6, bias=False)
+    trained = TrainableRows(linear, torch.tensor([1, 4]))
+    generic = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])  # ordinary words span dims 0-1
+    with torch.no_grad():
+        trained.weight[:, 3] += 2.0  # a change only a state along dim 3 (the new token) can read
+    assert float(regularization({"k": trained}, {"k": trained.frozen_weight}, None, generic, config)) == 0.0
+    with torch.no_grad():
+        trained.weight[:, 0] += 1.0
+    assert float(regularization({"k": trained}, {"k": trained.frozen_weight}, None, generic, config)) > 0.0
+    trained.handle.remove()
 
 
 def test_default_selection_excludes_rows_owned_by_earlier_concepts(two_concepts):
