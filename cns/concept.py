@@ -22,6 +22,13 @@ MANIFEST_KEYS = {"name", "token", "class_noun", "prompts", "captions"}
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TOKEN_RE = re.compile(r"^<[A-Za-z0-9_-]{1,32}>$")
 IMAGE_FORMATS = {"JPEG", "PNG", "WEBP"}
+# Training resizes the short side to the resolution (cns.diffusion.preprocess) before the centre
+# crop, so an 8x4000 sliver at 512 would become a 512x256,000 image (hundreds of MB per image,
+# tens of GB for a file near the pixel limit). 10:1 keeps any photo or panorama a camera makes.
+MAX_ASPECT_RATIO = 10
+# The limits a dataset that is already learned is read back under (evaluation): limits tightened
+# later apply to new datasets only, never to what the model already holds (issue 10, item 2).
+NO_INTAKE_LIMITS = LimitsConfig(min_images=1, max_images=10**6, max_image_pixels=10**12, max_object_bytes=2**62)
 
 
 class ConceptError(CNSError):
@@ -83,6 +90,10 @@ def parse_manifest(text: str, source: str | Path, default_name: str) -> dict:
     if not TOKEN_RE.match(token):
         raise ConceptError(source, f"token {token!r} must look like <name1>: '<', 1-32 letters, digits, - or _, '>'",
                            "token_invalid")
+    if token in data["class_noun"]:
+        # The token would initialise itself and appear twice in every prompt.
+        raise ConceptError(source, f"class_noun {data['class_noun'].strip()!r} contains the token {token}; the "
+                           "class noun is the plain word for what the concept is (e.g. dog)", "manifest_invalid")
     prompts = data.get("prompts") or []
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise ConceptError(source, "'prompts' must be a list of strings", "manifest_invalid")
@@ -116,6 +127,9 @@ def check_image(path: Path, limits: LimitsConfig) -> tuple[int, int]:
                 if width * height > limits.max_image_pixels:
                     raise ConceptError(path, f"image is {width}x{height} = {width * height} pixels, over the limit "
                                              f"of {limits.max_image_pixels}", "image_too_large")
+                if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                    raise ConceptError(path, f"image is {width}x{height}, more than {MAX_ASPECT_RATIO}:1; crop it "
+                                       "closer to square", "image_aspect_ratio")
                 im.load()  # decodes every byte: truncated files fail here, not during training
     except ConceptError:
         raise

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from cns.concept import Concept, load_concept
+from cns.concept import NO_INTAKE_LIMITS, Concept, load_concept
 from cns.config import Config
 from cns.cumulative import CumulativeModel
 from cns.evaluate import UNAVAILABLE, Judges, evaluate_concept, load_reference, sampling_settings
@@ -49,7 +49,7 @@ def dataset_images(directory: Path | None, config: Config) -> tuple[list[Image.I
     """(training images, held-out images) of a learned concept's dataset, the split training used."""
     if directory is None or not directory.is_dir():
         return [], []
-    concept: Concept = load_concept(directory, config.limits)
+    concept: Concept = load_concept(directory, NO_INTAKE_LIMITS)  # learned already: today's limits are for new ones
     train, held = concept.split(config.evaluate.holdout_images, config.limits.min_images - 1)
     return concept.load_images(train), concept.load_images(held)
 

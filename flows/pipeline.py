@@ -47,10 +47,22 @@ def _learn(ws: Workspace, config, dataset) -> dict:
         result = t.finetune(model, prepared, selection, config)
         record = t.write_version(model, prepared, selection, scores, result, dataset.hash, config)
         evaluation = t.evaluate(ws, model, config)
+    except Exception as exc:
+        t.drop_model(ws)
+        if not t.dataset_problem(exc, concept):
+            raise  # infrastructure: the dataset stays pending and the next pass retries it
+        # The dataset's own fault: reject it, and go on with the datasets behind it.
+        key = t.reject_dataset(ws, config, dataset, concept, run_id, exc)
+        logger.warning("rejected %s after the fetch (%s): %s", dataset.concept, key, exc.message)
+        return {"concept": dataset.concept, "outcome": "rejected", "code": exc.code}
+    except BaseException:
+        t.drop_model(ws)
+        raise
+    try:
         t.log_run(ws, config, run_id, record, prepared, result, evaluation)
         versioned = t.version_model(ws, record)
     except BaseException:
-        # The in-memory model may hold half a concept; the next pass rolls the disk back.
+        # The in-memory model holds the new concept; the next pass rolls the disk back.
         t.drop_model(ws)
         raise
     registry_version = t.register(ws, config, run_id, record, versioned)

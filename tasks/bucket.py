@@ -227,10 +227,15 @@ def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
     learned = lineage.dataset_hashes if lineage else set()
     ready = [d for d in datasets.values() if d.ready]
     signatures = {d.concept: d.signature for d in ready}
+    learned_names = {c.name for c in lineage.concepts} if lineage else set()
     unknown = []
     for dataset in ready:
         dataset.problem = listing_problem(dataset, bucket, limits)
-        if dataset.problem:
+        # A learned dataset may break limits tightened since (too many images, an object over
+        # the size limit): its content hash, not the listing rules, says whether it is learned.
+        maybe_learned = dataset.concept in learned_names and dataset.problem is not None \
+            and dataset.problem.code != "key_invalid"
+        if dataset.problem and not maybe_learned:
             dataset.hash, dataset.hash_kind = signatures[dataset.concept], "listing"
         else:
             dataset.hash = cache.get(signatures[dataset.concept])
@@ -245,13 +250,13 @@ def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
         if dataset.hash is None:
             continue  # changed while being hashed: still "incomplete", the next scan reads it again
         if dataset.hash in learned:
-            dataset.state = "learned"
+            dataset.state, dataset.problem = "learned", None
         elif (record_folder(dataset.concept), dataset.hash) in rejected:
             dataset.state = "rejected"
         else:
             dataset.state = "pending"
     if concept is None:  # a full scan knows which entries are gone
-        cache.save({signatures[d.concept] for d in ready if not d.problem})
+        cache.save({signatures[d.concept] for d in ready if d.hash_kind == "content"})
     else:
         cache.save(set(cache.entries))
     return [datasets[c] for c in sorted(datasets)]

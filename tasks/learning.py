@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cns.concept import Concept, ConceptError
 from cns.config import Config
+from cns.errors import CNSError
 from cns.cumulative import CumulativeModel, open_model
 from cns.evaluate import load_judges
 from cns import learn as steps
@@ -161,6 +162,39 @@ def fetch_dataset(ws: Workspace, config: Config, dataset: bucket.Dataset) -> Con
     # Validated already: only the paths move (no second decode of every image).
     return dataclasses.replace(concept, directory=target,
                                image_paths=tuple(target / p.name for p in concept.image_paths))
+
+
+def dataset_problem(exc: BaseException, concept: Concept) -> bool:
+    """Whether an error raised after the fetch is the dataset's own: a CNSError that names one of
+    the dataset's files (its manifest or an image, e.g. a class noun the tokenizer reads as the
+    token). Anything else (S3, git/DVC, MLflow, Prefect, disk, the model's own files) is left to
+    fail the pass, so the dataset stays pending and the next pass retries it."""
+    if not isinstance(exc, CNSError) or isinstance(exc, (s3.S3Error, versioning.WorkspaceError)):
+        return False
+    if concept.directory is None:
+        return False
+    folder = Path(concept.directory).resolve()
+    path = Path(exc.path).resolve() if exc.path else None
+    return path is not None and (path == folder or folder in path.parents)
+
+
+@task(name="reject-dataset", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def reject_dataset(ws: Workspace, config: Config, dataset: bucket.Dataset, concept: Concept, run_id: str,
+                   error: CNSError) -> str:
+    """A dataset that failed for a reason of its own after the fetch: its ``error.json`` (naming the
+    object in the bucket, not the local copy), its MLflow run closed as rejected, and the workspace
+    put back to the last version (the fetched copy and anything written are removed)."""
+    drop_model(ws)
+    name = s3.bucket_name()
+    prefix = f"s3://{name}/{bucket.INCOMING}{dataset.concept}"
+    where = Path(error.path).resolve().relative_to(Path(concept.directory).resolve())
+    path = prefix + ("/" + str(where) if str(where) != "." else "/")
+    key = bucket.reject(s3.client(), name, dataset, ConceptError(path, error.message, error.code))
+    tracking.mark_rejected(run_id, error.code, f"{path}: {error.message}")
+    versioning.rollback_uncommitted(ws)
+    if Path(concept.directory).exists():
+        shutil.rmtree(concept.directory)
+    return key
 
 
 # ---- the method ---------------------------------------------------------------------------------

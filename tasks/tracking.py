@@ -2,7 +2,8 @@
 version per model version (tracking URI and credentials from the environment).
 
 A run is tagged ``cns.state``: ``running`` while its concept is learned, ``complete`` once its
-model version is committed and registered, ``rolled_back`` when a crash threw its version away.
+model version is committed and registered, ``rolled_back`` when a crash threw its version away,
+``rejected`` when the dataset failed for a reason of its own after the run started.
 """
 
 from __future__ import annotations
@@ -159,6 +160,15 @@ def mark_rolled_back(run_id: str, reason: str) -> None:
     client = _client()
     client.set_tag(run_id, STATE, "rolled_back")
     client.set_tag(run_id, "cns.rollback_reason", reason)
+    client.set_terminated(run_id, "FAILED")
+
+
+def mark_rejected(run_id: str, code: str, message: str) -> None:
+    """The dataset turned out bad after its run started: the run ends FAILED, state ``rejected``."""
+    client = _client()
+    client.set_tag(run_id, STATE, "rejected")
+    client.set_tag(run_id, "cns.error_code", code)
+    client.set_tag(run_id, "cns.error", message[:4000])
     client.set_terminated(run_id, "FAILED")
 
 
