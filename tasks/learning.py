@@ -105,8 +105,11 @@ def drop_model(ws: Workspace) -> None:
 
 @step_task(name="recover-workspace")
 def recover(ws: Workspace, config: Config) -> dict:
-    """Finish or undo what a crashed run left: roll back an uncommitted model version, complete
-    the MLflow run and registry version of a committed one, mark the others rolled back."""
+    """Finish or undo what a crashed run left: clear git locks of a killed git command, tag a
+    version committed but not tagged, roll back an uncommitted model version, complete the MLflow
+    run and registry version of a committed one, mark the others rolled back."""
+    versioning.clear_stale_git_locks(ws)
+    tagged = versioning.complete_untagged_version(ws)
     thrown = versioning.rollback_uncommitted(ws)
     if thrown is not None:
         drop_model(ws)
@@ -120,7 +123,7 @@ def recover(ws: Workspace, config: Config) -> dict:
         else:
             tracking.mark_rolled_back(run.info.run_id, "the process stopped before the version was committed")
             rolled_back.append(run.info.run_id)
-    return {"rolled_back_version": thrown, "completed": completed, "failed_runs": rolled_back}
+    return {"rolled_back_version": thrown, "tagged": tagged, "completed": completed, "failed_runs": rolled_back}
 
 
 def version_tags(ws: Workspace, version: int) -> dict[str, str]:

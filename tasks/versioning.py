@@ -184,23 +184,67 @@ def commit_and_tag(ws: Workspace, record: ConceptRecord) -> dict[str, str]:
     return {"commit": git(ws, "rev-parse", "HEAD"), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
 
 
+def clear_stale_git_locks(ws: Workspace) -> list[str]:
+    """Remove the lock files a git process killed mid-command leaves in ``.git`` (``index.lock``,
+    ``next-index-*.lock``, ref locks): each would fail every later git write in the workspace.
+
+    Call only while holding the lineage lock: every git command of the pipeline runs under it, so
+    a lock file present then belongs to a process that is gone. (The workspace's git is the
+    pipeline's: run no git writes in it by hand while a pass runs.)"""
+    gitdir = ws.root / ".git"
+    stale = sorted({*gitdir.glob("*.lock"), *(gitdir / "refs").rglob("*.lock")})
+    for path in stale:
+        log.warning("removing %s, left by a git command that was killed", path.relative_to(ws.root))
+        path.unlink(missing_ok=True)
+    return [str(path.relative_to(ws.root)) for path in stale]
+
+
+def complete_untagged_version(ws: Workspace) -> int | None:
+    """Tag a version whose ``git commit`` was made but whose ``git tag`` was not (the process was
+    killed in between); returns its number, or None when there is none.
+
+    The commit comes only after ``dvc add`` and ``dvc push`` succeeded (:func:`version_model`'s
+    order), and git makes a commit whole or not at all, so the commit ``model vN: learn <name>``
+    right after tag ``model-v(N-1)``, holding ``data/concepts/<name>.dvc``, is a whole version."""
+    committed = last_version(ws)
+    match = re.fullmatch(r"model v(\d+): learn (\S+)", git(ws, "log", "-1", "--format=%s"))
+    if not match or int(match.group(1)) != committed + 1:
+        return None
+    if committed and git(ws, "rev-parse", "HEAD~1") != git(ws, "rev-list", "-n", "1", f"{TAG_PREFIX}{committed}"):
+        return None
+    if not git(ws, "ls-tree", "HEAD", "--", f"data/concepts/{match.group(2)}.dvc", "data/model.dvc"):
+        return None
+    version = int(match.group(1))
+    log.warning("completing model v%d: its commit was made, its tag was not", version)
+    git(ws, "tag", f"{TAG_PREFIX}{version}", "HEAD")
+    return version
+
+
 def rollback_uncommitted(ws: Workspace) -> int | None:
     """Restore the model, datasets and metrics to the last tagged version.
 
     Returns the lineage version that was thrown away, or None when the workspace was clean. A
     crash mid-version leaves at most: a new concept folder and lineage in ``data/model``, a new
-    dataset folder, new or changed ``.dvc`` files, ``dvc.lock`` and metrics.
+    dataset folder, new or changed ``.dvc`` files, ``dvc.lock`` and metrics, and a commit that
+    is not tagged (call :func:`complete_untagged_version` first: a whole one is kept). The files
+    come back from the last *tag*, not from ``HEAD``.
     """
     committed = last_version(ws)
+    ref = f"{TAG_PREFIX}{committed}" if committed else "HEAD"
     lineage = read_lineage(ws.model_dir)
     current = lineage.version if lineage else 0
-    tracked = [p for p in (*VERSIONED, "data/concepts") if git(ws, "ls-files", "--", p)]
-    dirty = git(ws, "status", "--porcelain", "--", "data/model.dvc", "data/concepts", "dvc.lock", METRICS)
+    paths = (*VERSIONED, "data/concepts")
+    in_ref = git(ws, "ls-tree", "-r", "--name-only", ref, "--", *paths).split("\n")
+    tracked = [p for p in paths if any(f == p or f.startswith(p + "/") for f in in_ref)]
+    dirty = git(ws, "status", "--porcelain", "--", "data/model.dvc", "data/concepts", "dvc.lock", METRICS) or \
+        git(ws, "diff", "--name-only", ref, "--", "data/model.dvc", "data/concepts", "dvc.lock", METRICS)
     if current == committed and not dirty:
         return None
     log.warning("rolling back an unfinished model version (lineage v%d, last tag v%d)", current, committed)
     if tracked:
-        git(ws, "checkout", "HEAD", "--", *tracked)
+        git(ws, "checkout", ref, "--", *tracked)
+    for path in set(git(ws, "diff", "--name-only", ref, "HEAD", "--", *paths).split()) - set(in_ref):
+        (ws.root / path).unlink(missing_ok=True)  # committed after the tag by an unfinished version
     git(ws, "clean", "-fdq", "--", "data/concepts", METRICS, check=False)
     tracked_dvc = set(git(ws, "ls-files", "--", "data/concepts").split())
     if ws.concepts_dir.exists():
