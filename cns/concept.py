@@ -10,8 +10,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cns.config import LimitsConfig
 from cns.errors import CNSError
@@ -21,7 +22,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST_KEYS = {"name", "token", "class_noun", "prompts", "captions"}
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TOKEN_RE = re.compile(r"^<[A-Za-z0-9_-]{1,32}>$")
-IMAGE_FORMATS = {"JPEG", "PNG", "WEBP"}
+# MPO: the multi-picture JPEG many phones write (a JPEG with extra frames); its first frame is used.
+IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
 # Training resizes the short side to the resolution (cns.diffusion.preprocess) before the centre
 # crop, so an 8x4000 sliver at 512 would become a 512x256,000 image (hundreds of MB per image,
 # tens of GB for a file near the pixel limit). 10:1 keeps any photo or panorama a camera makes.
@@ -123,6 +125,7 @@ def check_image(path: Path, limits: LimitsConfig) -> tuple[int, int]:
             with Image.open(path) as im:
                 if im.format not in IMAGE_FORMATS:
                     raise ConceptError(path, f"is {im.format}, not JPEG, PNG or WebP", "image_unreadable")
+                im.seek(0)  # the frame that trains (multi-picture JPEG, animated PNG/WebP)
                 width, height = im.size
                 if width * height > limits.max_image_pixels:
                     raise ConceptError(path, f"image is {width}x{height} = {width * height} pixels, over the limit "
@@ -135,8 +138,10 @@ def check_image(path: Path, limits: LimitsConfig) -> tuple[int, int]:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ConceptError(path, f"image is too large ({exc})", "image_too_large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ConceptError(path, f"not a readable image ({exc})", "image_unreadable") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow's text may hold the file's full path; the error's path names it already.
+        reason = str(exc).replace(str(path), path.name).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConceptError(path, f"not a readable image ({reason})", "image_unreadable") from None
     if min(width, height) < 8:
         raise ConceptError(path, f"image is {width}x{height}, too small to train on", "image_unreadable")
     return width, height
@@ -152,7 +157,7 @@ def load_concept(directory: str | Path, limits: LimitsConfig | None = None) -> C
     if not manifest.is_file():
         raise ConceptError(manifest, "missing: a concept directory needs concept.yaml (token, class_noun)",
                            "manifest_missing")
-    fields = parse_manifest(manifest.read_text(errors="replace"), manifest, directory.name)
+    fields = parse_manifest(read_manifest_text(manifest), manifest, directory.name)
     images = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise ConceptError(directory, "holds no images (jpg, png or webp)", "no_images")
@@ -174,9 +179,36 @@ def load_concept(directory: str | Path, limits: LimitsConfig | None = None) -> C
     return Concept(image_paths=tuple(images), directory=directory, **fields)
 
 
+def read_manifest_text(path: Path) -> str:
+    """The manifest as text: UTF-8 (a byte-order mark is allowed), anything else is an error
+    rather than text with replacement characters in the token or class noun."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConceptError(path, f"is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                           "save it as UTF-8", "manifest_invalid") from None
+
+
 def _open_rgb(path: Path) -> Image.Image:
+    """The image as a viewer shows it, in 8-bit RGB: first frame, EXIF orientation applied,
+    16-bit samples scaled (not clipped), transparency composited on white."""
     with Image.open(path) as im:
-        return im.convert("RGB")
+        im.seek(0)
+        return to_rgb(ImageOps.exif_transpose(im))
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I"):  # 16-bit grey PNG ("I;16", "I"): 0..65535 -> 0..255
+        scaled = np.asarray(im, dtype=np.float64) * (255 / 65535)
+        im = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        white.alpha_composite(rgba)
+        return white.convert("RGB")
+    return im.convert("RGB")
 
 
 def dataset_hash(file_digests: dict[str, str]) -> str:

@@ -26,7 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
-from cns.concept import IMAGE_SUFFIXES, MANIFEST, Concept, ConceptError, dataset_hash, load_concept, parse_manifest
+from cns.concept import (IMAGE_SUFFIXES, MANIFEST, Concept, ConceptError, dataset_hash, load_concept, parse_manifest,
+                         read_manifest_text)
 from cns.config import LimitsConfig
 from cns.lineage import Lineage, check_against_lineage
 from tasks.s3 import client_errors, describe_error
@@ -345,10 +346,16 @@ def validate(s3, bucket: str, dataset: Dataset, workdir: Path, *, limits: Limits
     prefix = _uri(bucket, f"{INCOMING}{dataset.concept}")
     try:
         concept = load_concept(local, limits)
+        if concept.name != dataset.concept:
+            # The folder is where the dataset's state, rejections and re-drops live: one name.
+            raise ConceptError(f"{prefix}/{MANIFEST}", f"name {concept.name!r} differs from its folder "
+                               f"incoming/{dataset.concept}/; drop it under incoming/{concept.name}/ or remove "
+                               "'name'", "manifest_invalid")
         check_against_lineage(concept, lineage, f"{prefix}/{MANIFEST}")
     except ConceptError as exc:
         path = exc.path.replace(str(local), prefix, 1) if exc.path.startswith(str(local)) else exc.path
-        raise ConceptError(path, exc.message, exc.code) from None
+        # Messages name bucket objects, never the local copy.
+        raise ConceptError(path, exc.message.replace(str(local), prefix), exc.code) from None
     return concept
 
 
@@ -407,7 +414,7 @@ def drop(s3, bucket: str, directory: str | Path, *, limits: LimitsConfig | None 
     if check:
         name = load_concept(directory, limits).name
     elif manifest.is_file():
-        name = parse_manifest(manifest.read_text(errors="replace"), manifest, directory.name)["name"]
+        name = parse_manifest(read_manifest_text(manifest), manifest, directory.name)["name"]
     else:
         name = directory.name
     if not manifest.is_file():

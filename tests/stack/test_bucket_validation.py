@@ -4,6 +4,7 @@ rejected/<concept>/<hash>/error.json, and nothing else changes (incoming objects
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 
@@ -65,6 +66,10 @@ def build(kind: str, tmp_path, concept: str):
         extra = {"08.png/": b"not a folder"}
     elif kind == "subfolder_marker":
         extra = {"more/": b""}
+    elif kind == "name_differs_from_folder":
+        manifest = {"name": "some-other-name", "token": "<other1>", "class_noun": "dog"}
+    elif kind == "manifest_not_utf8":
+        manifest = "token: <caf1>\nclass_noun: caf\xe9\n"  # written as latin-1 below
     elif kind == "token_taken":
         manifest = {"token": TAKEN_TOKEN, "class_noun": "dog"}
     elif kind == "name_taken":
@@ -72,6 +77,8 @@ def build(kind: str, tmp_path, concept: str):
     directory = make_concept(tmp_path, concept, images=images, manifest=manifest)
     if kind == "image_too_large":
         write_png(directory / "00.png", seed=5, size=120)
+    if kind == "manifest_not_utf8":
+        (directory / "concept.yaml").write_bytes(manifest.encode("latin-1"))
     if kind == "name_taken":  # the folder must carry the taken name too, or the name default differs
         directory = directory.rename(directory.parent / TAKEN_NAME)
     return directory, extra
@@ -92,6 +99,8 @@ CASES = {  # kind -> expected code
     "key_ending_in_slash": "key_invalid",
     "key_ending_in_slash_with_a_body": "key_invalid",
     "subfolder_marker": "key_invalid",
+    "name_differs_from_folder": "manifest_invalid",
+    "manifest_not_utf8": "manifest_invalid",
     "token_taken": "token_taken",
     "name_taken": "name_taken",
 }
@@ -127,6 +136,8 @@ def reject_and_check(s3, bucket_name, dataset, model_dir, expected_code):
     assert record["code"] == expected_code
     assert record["object"].startswith(f"s3://{bucket_name}/incoming/{dataset.concept}")
     assert record["message"].startswith(record["object"] + ": ")
+    assert tempfile.gettempdir() + "/" not in record["message"]  # no local path, only the bucket's
+    assert "\n" not in record["message"]
     return record
 
 
@@ -236,3 +247,25 @@ def test_a_listing_with_dot_dot_keys_is_rejected_and_nothing_escapes(running_sta
         bucket.download(s3, name, dataset, work)
     assert caught.value.code == "key_invalid"
     assert not (tmp_path / "escape.png").exists() and not (tmp_path / "work" / "escape.png").exists()
+
+
+def test_phone_photos_validate(running_stack, tmp_path, concept_name):
+    """A multi-picture JPEG with an EXIF orientation, a 16-bit PNG and a transparent PNG, as phones
+    and editors write them, pass the bucket's validation."""
+    import numpy as np
+    from PIL import Image
+
+    s3, name = running_stack.client(), running_stack.bucket
+    directory = make_concept(tmp_path, concept_name, images=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(directory / "00.jpg", "MPO", save_all=True, exif=exif,
+                                                 append_images=[Image.new("RGB", (40, 30))])
+    Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(directory / "01.png")
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(directory / "02.png")
+    upload_raw(s3, name, directory, concept_name)
+    (dataset,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
+    concept = bucket.validate(s3, name, dataset, tmp_path / "work", limits=LIMITS, lineage=None)
+    images = concept.load_images()
+    assert [im.size for im in images] == [(30, 40), (32, 32), (32, 32)]
+    assert images[1].getpixel((0, 0)) == (156, 156, 156) and images[2].getpixel((0, 0)) == (255, 255, 255)
