@@ -28,6 +28,14 @@ IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
 # crop, so an 8x4000 sliver at 512 would become a 512x256,000 image (hundreds of MB per image,
 # tens of GB for a file near the pixel limit). 10:1 keeps any photo or panorama a camera makes.
 MAX_ASPECT_RATIO = 10
+# Manifest bounds: prompts and captions are stored in the lineage, and every later concept
+# re-encodes the earlier concepts' prompts (L_reg's output term), so an unbounded manifest costs
+# every learn after it (150,000 prompts once took the next learn to 23 GB). CLIP reads 77 tokens,
+# about 300 characters of English: longer text is cut, possibly before the token.
+MAX_MANIFEST_BYTES = 65_536
+MAX_PROMPTS = 64
+MAX_TEXT_CHARS = 300  # one prompt or one caption
+MAX_CLASS_NOUN_CHARS = 64
 # The limits a dataset that is already learned is read back under (evaluation): limits tightened
 # later apply to new datasets only, never to what the model already holds (issue 10, item 2).
 NO_INTAKE_LIMITS = LimitsConfig(min_images=1, max_images=10**6, max_image_pixels=10**12, max_object_bytes=2**62)
@@ -69,8 +77,14 @@ class Concept:
         return self.image_paths[:cut], self.image_paths[cut:]
 
 
+def _too_large(source: str | Path, what: str, size: int, limit: int, unit: str = "characters") -> ConceptError:
+    return ConceptError(source, f"{what} is {size} {unit}, over the limit of {limit}", "manifest_too_large")
+
+
 def parse_manifest(text: str, source: str | Path, default_name: str) -> dict:
     """Parse and check ``concept.yaml`` text; returns name, token, class_noun, prompts."""
+    if len(text.encode()) > MAX_MANIFEST_BYTES:
+        raise _too_large(source, "the manifest", len(text.encode()), MAX_MANIFEST_BYTES, "bytes")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -92,6 +106,8 @@ def parse_manifest(text: str, source: str | Path, default_name: str) -> dict:
     if not TOKEN_RE.match(token):
         raise ConceptError(source, f"token {token!r} must look like <name1>: '<', 1-32 letters, digits, - or _, '>'",
                            "token_invalid")
+    if len(data["class_noun"].strip()) > MAX_CLASS_NOUN_CHARS:
+        raise _too_large(source, "class_noun", len(data["class_noun"].strip()), MAX_CLASS_NOUN_CHARS)
     if token in data["class_noun"]:
         # The token would initialise itself and appear twice in every prompt.
         raise ConceptError(source, f"class_noun {data['class_noun'].strip()!r} contains the token {token}; the "
@@ -99,7 +115,12 @@ def parse_manifest(text: str, source: str | Path, default_name: str) -> dict:
     prompts = data.get("prompts") or []
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise ConceptError(source, "'prompts' must be a list of strings", "manifest_invalid")
-    for prompt in prompts:
+    if len(prompts) > MAX_PROMPTS:
+        raise ConceptError(source, f"holds {len(prompts)} prompts, over the limit of {MAX_PROMPTS}",
+                           "manifest_too_large")
+    for i, prompt in enumerate(prompts, 1):
+        if len(prompt) > MAX_TEXT_CHARS:
+            raise _too_large(source, f"prompt {i}", len(prompt), MAX_TEXT_CHARS)
         if token not in prompt:
             raise ConceptError(source, f"prompt {prompt!r} does not contain the token {token}", "manifest_invalid")
     captions = data.get("captions") or {}
@@ -107,6 +128,8 @@ def parse_manifest(text: str, source: str | Path, default_name: str) -> dict:
                                                  for k, v in captions.items()):
         raise ConceptError(source, "'captions' must map image file names to caption strings", "manifest_invalid")
     for image, caption in captions.items():
+        if len(caption) > MAX_TEXT_CHARS:
+            raise _too_large(source, f"the caption of {image}", len(caption), MAX_TEXT_CHARS)
         if token not in caption:
             raise ConceptError(source, f"caption of {image} ({caption!r}) does not contain the token {token}",
                                "manifest_invalid")

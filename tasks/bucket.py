@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
-from cns.concept import (IMAGE_SUFFIXES, MANIFEST, Concept, ConceptError, dataset_hash, load_concept, parse_manifest,
+from cns.concept import (IMAGE_SUFFIXES, MANIFEST, MAX_MANIFEST_BYTES, Concept, ConceptError, dataset_hash, load_concept, parse_manifest,
                          read_manifest_text)
 from cns.config import LimitsConfig
 from cns.lineage import Lineage, check_against_lineage
@@ -141,6 +141,9 @@ def listing_problem(dataset: Dataset, bucket: str, limits: LimitsConfig) -> Conc
         if "/" in name:
             return ConceptError(_uri(bucket, obj.key), "is in a sub-folder; images and concept.yaml must sit "
                                 "directly under incoming/<concept>/", "key_invalid")
+        if name == MANIFEST and obj.size > MAX_MANIFEST_BYTES:
+            return ConceptError(_uri(bucket, obj.key), f"the manifest is {obj.size} bytes, over the limit of "
+                                f"{MAX_MANIFEST_BYTES}", "manifest_too_large")
         if obj.size > limits.max_object_bytes:
             return ConceptError(_uri(bucket, obj.key), f"object is {obj.size} bytes, over the limit of "
                                 f"{limits.max_object_bytes}", "object_too_large")

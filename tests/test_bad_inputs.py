@@ -51,6 +51,17 @@ def _manifest(**fields):
     return write
 
 
+def _captions(text: str):
+    def write(d: Path) -> None:
+        captions = {p.name: text for p in sorted(d.glob("*.jpg"))}
+        _manifest(captions=captions)(d)
+    return write
+
+
+def _padded_manifest(d: Path) -> None:
+    (d / "concept.yaml").write_text("name: rex\ntoken: <rex1>\nclass_noun: dog\n" + "# padding\n" * 10_000)
+
+
 CASES = {
     # id: (how to break a copy of the dog concept, extra CLI args, file the message names, words in it, code)
     "missing manifest": (_remove_manifest, [], "concept.yaml", "missing"),
@@ -68,6 +79,16 @@ CASES = {
     "name of an earlier concept": (_manifest(name="cat2"), [], "concept.yaml", "a concept named 'cat2' is already"),
     "token with a space": (_manifest(token="sks dog"), [], "concept.yaml", "must look like <name1>"),
     "token that is a vocabulary word": (_manifest(token="dog"), [], "concept.yaml", "must look like <name1>"),
+    # Bounded manifests (issue 10, item 7): every prompt is stored in the lineage and re-encoded by
+    # every later concept; 150,000 prompts once took the next learn to 23 GB.
+    "too many prompts": (_manifest(prompts=[f"a photo of a <rex1> dog, view {i}" for i in range(65)]), [],
+                         "concept.yaml", "65 prompts, over the limit of 64"),
+    "prompt too long": (_manifest(prompts=["a photo of a <rex1> dog " + "very " * 80]), [], "concept.yaml",
+                        "prompt 1 is 424 characters, over the limit of 300"),
+    "caption too long": (_captions("a <rex1> dog " + "on a sofa " * 40), [], "concept.yaml",
+                         "characters, over the limit of 300"),
+    "class noun too long": (_manifest(class_noun="dog " * 30), [], "concept.yaml", "over the limit of 64"),
+    "manifest file too large": (_padded_manifest, [], "concept.yaml", "bytes, over the limit of 65536"),
     "unknown config key": (_manifest(), ["--set", "train.max_steps=3"], "--set", "unknown key 'train.max_steps'"),
 }
 

@@ -70,6 +70,10 @@ def build(kind: str, tmp_path, concept: str):
         manifest = {"name": "some-other-name", "token": "<other1>", "class_noun": "dog"}
     elif kind == "manifest_not_utf8":
         manifest = "token: <caf1>\nclass_noun: caf\xe9\n"  # written as latin-1 below
+    elif kind == "too_many_prompts":
+        manifest = {"token": "<many1>", "class_noun": "dog", "prompts": [f"a <many1> dog, {i}" for i in range(65)]}
+    elif kind == "manifest_over_64_kb":  # refused on the listing's size alone
+        manifest = "token: <big1>\nclass_noun: dog\n" + "# padding\n" * 8000
     elif kind == "token_taken":
         manifest = {"token": TAKEN_TOKEN, "class_noun": "dog"}
     elif kind == "name_taken":
@@ -101,6 +105,8 @@ CASES = {  # kind -> expected code
     "subfolder_marker": "key_invalid",
     "name_differs_from_folder": "manifest_invalid",
     "manifest_not_utf8": "manifest_invalid",
+    "too_many_prompts": "manifest_too_large",
+    "manifest_over_64_kb": "manifest_too_large",
     "token_taken": "token_taken",
     "name_taken": "name_taken",
 }
