@@ -54,6 +54,7 @@ def main() -> int:
         concept, digest = bucket.drop(client, os.environ["CNS_BUCKET"], SAMPLES / name)
         print(f"dropped {name} -> s3://{os.environ['CNS_BUCKET']}/incoming/{concept}/ (hash {digest[:12]})")
 
+    time.sleep(bucket.settle_seconds())  # a dataset is ready once its newest object is this old (docs/bucket.md)
     say("running the watch flow: learn every pending dataset into one model")
     from flows.pipeline import nightly, watch
 

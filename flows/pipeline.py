@@ -35,10 +35,13 @@ def personalize(concept: str, workspace: str | None = None) -> dict:
 def _learn(ws: Workspace, config, dataset) -> dict:
     """The steps of one version; the caller holds the lineage lock."""
     logger = get_run_logger()
-    concept = t.fetch_dataset(ws, config, dataset)
+    concept, problem = t.fetch_dataset(ws, config, dataset)
+    if problem == "dataset_changed":  # not a rejection: read again once the upload settles
+        logger.info("%s changed while being read; deferred to a later pass", dataset.concept)
+        return {"concept": dataset.concept, "outcome": "deferred", "code": problem}
     if concept is None:
         logger.warning("rejected %s (see rejected/%s/ in the bucket)", dataset.concept, dataset.concept)
-        return {"concept": dataset.concept, "outcome": "rejected"}
+        return {"concept": dataset.concept, "outcome": "rejected", "code": problem}
     model = t.load_model(ws, config)
     run_id = t.start_run(config, concept, dataset, model.lineage.version + 1)
     try:

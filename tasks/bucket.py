@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 INCOMING = "incoming/"
 REJECTED = "rejected/"
 ERROR_FILE = "error.json"
+# A dataset that changed while it was read gets this record instead: a note, not a rejection, so
+# the same bytes coming back are read again (issue 10, item 6).
+CHANGED_FILE = "changed.json"
+# A dataset is ready once it has concept.yaml AND its newest object is this many seconds old on
+# the server's clock: parallel uploaders (`aws s3 sync`) may send the manifest before the last
+# image. CNS_SETTLE_SECONDS overrides it (0: ready as soon as the manifest is there).
+SETTLE_SECONDS = 10.0
 MAX_NAME_BYTES = 255
 CHUNK = 1 << 20
 HASH_THREADS = 8
@@ -61,12 +68,18 @@ class Dataset:
     # content: dataset_hash of the bytes; listing: of keys/ETags/sizes, for a dataset whose listing
     # already breaks a rule (odd key, oversized object, too many images), so nothing is downloaded.
     hash_kind: str = "content"
-    state: str = "incomplete"  # incomplete (no manifest yet), pending, learned, rejected
+    state: str = "incomplete"  # incomplete (no manifest yet), settling, pending, learned, rejected
     problem: ConceptError | None = None
+    # False while the newest object is younger than the settle time (set by scan).
+    settled: bool = True
+
+    @property
+    def has_manifest(self) -> bool:
+        return any(_name(self, o) == MANIFEST for o in self.objects)
 
     @property
     def ready(self) -> bool:
-        return any(_name(self, o) == MANIFEST for o in self.objects)
+        return self.has_manifest and self.settled
 
     @property
     def ready_at(self) -> str:
@@ -100,10 +113,11 @@ def _uri(bucket: str, key: str) -> str:
 
 # ---- listing -----------------------------------------------------------------------------------
 
-def list_objects(s3, bucket: str, prefix: str):
-    """Every object under ``prefix``, one paginated ListObjectsV2 (1,000 keys per request)."""
+def list_objects(s3, bucket: str, prefix: str, server: dict | None = None):
+    """Every object under ``prefix``, one paginated ListObjectsV2 (1,000 keys per request);
+    ``server`` receives the server's clock (see :func:`tasks.s3.list_objects`)."""
     try:
-        for key, etag, size, modified in s3_list_objects(s3, bucket, prefix):
+        for key, etag, size, modified in s3_list_objects(s3, bucket, prefix, server):
             yield S3Object(key, etag, size, modified)
     except client_errors() as exc:
         raise describe_error(exc, _uri(bucket, prefix)) from None
@@ -147,11 +161,33 @@ def listing_problem(dataset: Dataset, bucket: str, limits: LimitsConfig) -> Conc
         if obj.size > limits.max_object_bytes:
             return ConceptError(_uri(bucket, obj.key), f"object is {obj.size} bytes, over the limit of "
                                 f"{limits.max_object_bytes}", "object_too_large")
-    images = len(dataset.files) - (1 if dataset.ready else 0)
+    images = len(dataset.files) - (1 if dataset.has_manifest else 0)
     if images > limits.max_images:
         return ConceptError(_uri(bucket, INCOMING + dataset.concept + "/"), f"holds {images} images, over the "
                             f"limit of {limits.max_images}", "too_many_images")
     return None
+
+
+def settle_seconds() -> float:
+    """``CNS_SETTLE_SECONDS`` or :data:`SETTLE_SECONDS`."""
+    text = os.environ.get("CNS_SETTLE_SECONDS", "").strip()
+    if not text:
+        return SETTLE_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConceptError("CNS_SETTLE_SECONDS", f"{text!r} is not a number of seconds >= 0", "config_invalid")
+    return value
+
+
+def _settled(dataset: Dataset, now: datetime, settle: float) -> bool:
+    newest = max((o.last_modified for o in dataset.objects), default="")
+    if not settle or not newest:
+        return True
+    modified = datetime.fromisoformat(newest.replace("Z", "+00:00"))
+    return (now - modified).total_seconds() >= settle
 
 
 def rejected_keys(s3, bucket: str, concept: str | None = None) -> set[tuple[str, str]]:
@@ -220,7 +256,8 @@ def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
     """
     cache = cache or HashCache(None)
     datasets: dict[str, Dataset] = {}
-    for obj in list_objects(s3, bucket, INCOMING + (concept + "/" if concept else "")):
+    server: dict = {}
+    for obj in list_objects(s3, bucket, INCOMING + (concept + "/" if concept else ""), server):
         # ``folder``, not ``concept``: the parameter decides below whether rejected/ is read whole.
         folder, sep, _ = obj.key[len(INCOMING):].partition("/")
         if not sep:
@@ -229,6 +266,11 @@ def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
         datasets.setdefault(folder, Dataset(folder)).objects.append(obj)
     rejected = rejected_keys(s3, bucket, concept)
     learned = lineage.dataset_hashes if lineage else set()
+    now, settle = server.get("date") or datetime.now(timezone.utc), settle_seconds()
+    for dataset in datasets.values():
+        dataset.settled = _settled(dataset, now, settle)
+        if dataset.has_manifest and not dataset.settled:
+            dataset.state = "settling"
     ready = [d for d in datasets.values() if d.ready]
     signatures = {d.concept: d.signature for d in ready}
     learned_names = {c.name for c in lineage.concepts} if lineage else set()
@@ -340,7 +382,7 @@ def validate(s3, bucket: str, dataset: Dataset, workdir: Path, *, limits: Limits
     """Check a listed dataset before any training: the bucket's rules, then the library's rules
     (:func:`cns.concept.load_concept` on a downloaded copy in ``workdir``), then the lineage.
     Raises a ConceptError whose path is the offending ``s3://`` object."""
-    if not dataset.ready:
+    if not dataset.has_manifest:
         raise ConceptError(_uri(bucket, f"{INCOMING}{dataset.concept}/{MANIFEST}"), "missing: the dataset is not "
                            "ready until concept.yaml is uploaded (last)", "manifest_missing")
     if dataset.problem:
@@ -363,8 +405,13 @@ def validate(s3, bucket: str, dataset: Dataset, workdir: Path, *, limits: Limits
 
 
 def reject(s3, bucket: str, dataset: Dataset, error: ConceptError) -> str:
-    """Write ``rejected/<concept>/<hash>/error.json``; nothing under ``incoming/`` is touched."""
+    """Write ``rejected/<concept>/<hash>/error.json``; nothing under ``incoming/`` is touched.
+
+    A ``dataset_changed`` error is written as ``changed.json`` instead: a record of what
+    happened, not a rejection, so the dataset stays pending and is read again once it settles."""
     key = error_key(dataset.concept, dataset.hash or dataset.signature)
+    if error.code == "dataset_changed":
+        key = key[: -len(ERROR_FILE)] + CHANGED_FILE
     record = {"code": error.code, "message": str(error), "object": error.path, "concept": dataset.concept,
               "dataset_hash": dataset.hash, "hash_kind": dataset.hash_kind,
               "rejected_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -376,7 +423,11 @@ def reject(s3, bucket: str, dataset: Dataset, error: ConceptError) -> str:
                       ContentType="application/json")
     except client_errors() as exc:
         raise describe_error(exc, _uri(bucket, key)) from None
-    log.warning("rejected %s: %s", _uri(bucket, f"{INCOMING}{dataset.concept}/"), error)
+    if error.code == "dataset_changed":
+        log.info("%s changed while being read; it is read again once it settles: %s",
+                 _uri(bucket, f"{INCOMING}{dataset.concept}/"), error)
+    else:
+        log.warning("rejected %s: %s", _uri(bucket, f"{INCOMING}{dataset.concept}/"), error)
     return key
 
 

@@ -145,9 +145,10 @@ def find_datasets(ws: Workspace, config: Config, concept: str | None = None) -> 
 
 
 @task(name="fetch-dataset", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
-def fetch_dataset(ws: Workspace, config: Config, dataset: bucket.Dataset) -> Concept | None:
-    """Download and validate into ``data/concepts/<name>``; a bad dataset is rejected (its
-    ``error.json`` written) and None returned, with nothing else changed."""
+def fetch_dataset(ws: Workspace, config: Config, dataset: bucket.Dataset) -> tuple[Concept | None, str | None]:
+    """Download and validate into ``data/concepts/<name>``: (concept, None). A bad dataset is
+    rejected (its ``error.json`` written) and (None, its error code) returned, with nothing else
+    changed; a dataset that changed while read gives (None, "dataset_changed") and stays pending."""
     client = s3.client()
     name = s3.bucket_name()
     ws.concepts_dir.mkdir(parents=True, exist_ok=True)
@@ -157,14 +158,14 @@ def fetch_dataset(ws: Workspace, config: Config, dataset: bucket.Dataset) -> Con
                                       lineage=read_lineage(ws.model_dir))
         except ConceptError as exc:
             bucket.reject(client, name, dataset, exc)
-            return None
+            return None, exc.code
         target = ws.concepts_dir / concept.name
         if target.exists():  # left by an attempt that was rolled back
             shutil.rmtree(target)
         Path(tmp, dataset.concept).rename(target)
     # Validated already: only the paths move (no second decode of every image).
     return dataclasses.replace(concept, directory=target,
-                               image_paths=tuple(target / p.name for p in concept.image_paths))
+                               image_paths=tuple(target / p.name for p in concept.image_paths)), None
 
 
 def dataset_problem(exc: BaseException, concept: Concept) -> bool:

@@ -84,7 +84,7 @@ def describe_error(exc: Exception, what: str) -> S3Error:
     return S3Error(what, f"S3 request failed ({exc})")
 
 
-def list_objects(s3, bucket: str, prefix: str) -> Iterator[tuple[str, str, int, str]]:
+def list_objects(s3, bucket: str, prefix: str, server: dict | None = None) -> Iterator[tuple[str, str, int, str]]:
     """(key, ETag without quotes, size, LastModified as ISO text) of every object under ``prefix``, one paginated
     ListObjectsV2 (1,000 keys a page).
 
@@ -92,9 +92,17 @@ def list_objects(s3, bucket: str, prefix: str) -> Iterator[tuple[str, str, int, 
     server takes; so a ``before-parse`` hook reads the ``Contents`` with ElementTree and hands
     botocore only the page's envelope (IsTruncated, continuation token). Signing, retries and
     error handling stay botocore's; listing 4,000 keys drops from ~0.75 s to ~0.3 s.
+
+    ``server``, when given, receives ``"date"``: the server's clock (the first page's ``Date``
+    header, a datetime), the clock ``LastModified`` is measured by.
     """
+    from email.utils import parsedate_to_datetime
+
     s3.meta.events.register("before-parse.s3.ListObjectsV2", _parse_contents, unique_id="cns-fast-contents")
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, EncodingType="url"):
+        date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if server is not None and date and "date" not in server:
+            server["date"] = parsedate_to_datetime(date)
         yield from page.get("CnsContents", [])
 
 

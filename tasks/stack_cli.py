@@ -34,7 +34,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     drop.set_defaults(func=_drop)
 
     datasets = sub.add_parser("datasets", help="list the bucket's datasets with hash and state")
-    datasets.add_argument("--state", choices=("pending", "learned", "rejected", "incomplete"),
+    datasets.add_argument("--state", choices=("pending", "learned", "rejected", "incomplete", "settling"),
                           help="only datasets in this state")
     datasets.add_argument("--config", default="params.yaml", help="limits and model_dir (default params.yaml)")
     datasets.add_argument("--json", action="store_true", help="machine-readable output")

@@ -74,6 +74,8 @@ def running_stack(tmp_path_factory) -> Stack:
         _, creds = stack.up(config, timeout=90)
         os.environ.update(stack.client_env(config, creds, with_secret=True))
         os.environ["CNS_STACK_DIR"] = str(root)
+        # Uploads here finish before a test scans; the settle time has its own test.
+        os.environ["CNS_SETTLE_SECONDS"] = "0"
         yield Stack(config, creds)
     finally:
         stack.down(config)

@@ -159,3 +159,24 @@ def test_full_scan_reads_every_folders_rejection_records(running_stack, tmp_path
     states = {d.concept: d.state for d in bucket.scan(s3, running_stack.bucket, limits=LIMITS, lineage=None)}
     assert [states[name] for name in rejected] == ["rejected", "rejected"]
     assert states[f"{concept_name}-z"] == "pending"
+
+
+def test_a_partial_upload_is_not_ready_until_it_settles(running_stack, tmp_path, concept_name, monkeypatch):
+    """Seen with `aws s3 sync` (issue 10, item 6): the manifest arrived before the last image. A
+    dataset is ready only once its newest object is CNS_SETTLE_SECONDS old (server clock)."""
+    import time
+
+    monkeypatch.setenv("CNS_SETTLE_SECONDS", "4")
+    s3 = running_stack.client()
+    source = make_concept(tmp_path, concept_name)
+    prefix = f"incoming/{concept_name}/"
+    for path in ("00.png", "concept.yaml", "01.png"):  # manifest before the last image
+        s3.upload_file(str(source / path), running_stack.bucket, prefix + path)
+    early = one(s3, running_stack.bucket, concept_name)
+    assert (early.ready, early.state) == (False, "settling")
+    time.sleep(2)
+    s3.upload_file(str(source / "02.png"), running_stack.bucket, prefix + "02.png")
+    assert one(s3, running_stack.bucket, concept_name).state == "settling"  # the newest object restarts it
+    time.sleep(5)
+    settled = one(s3, running_stack.bucket, concept_name)
+    assert (settled.state, settled.hash) == ("pending", hash_concept_dir(source))  # all three images

@@ -165,27 +165,59 @@ def test_bad_dataset_gets_its_error_code_and_changes_nothing(running_stack, tmp_
     assert (again.state, again.hash) == ("rejected", dataset.hash)
 
 
-def test_dataset_changed_while_being_read_is_rejected(running_stack, tmp_path, concept_name, model_dir):
+def changed_and_check(s3, bucket_name, dataset, model_dir):
+    """Validate a dataset that changes while read: dataset_changed is noted in changed.json, not
+    error.json, so the dataset is never rejected for it; nothing else changes."""
+    lineage_before = (model_dir / LINEAGE).read_bytes()
+    before = snapshot(s3, bucket_name)
+    concept, key = bucket.validate_or_reject(s3, bucket_name, dataset, limits=LIMITS,
+                                             lineage=read_lineage(model_dir))
+    assert concept is None
+    after = snapshot(s3, bucket_name)
+    assert key == f"rejected/{dataset.concept}/{dataset.hash}/changed.json"
+    assert set(after) - set(before) == {key} and (model_dir / LINEAGE).read_bytes() == lineage_before
+    record = json.loads(s3.get_object(Bucket=bucket_name, Key=key)["Body"].read())
+    assert record["code"] == "dataset_changed" and record["message"].startswith(record["object"] + ": ")
+    return record
+
+
+def test_dataset_changed_while_being_read_is_read_again_later(running_stack, tmp_path, concept_name, model_dir):
     s3, name = running_stack.client(), running_stack.bucket
     directory = make_concept(tmp_path, concept_name)
     upload_raw(s3, name, directory, concept_name)
     (listed,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
     # another upload replaces an image after the listing the validation works from
+    original = (directory / "01.png").read_bytes()
     write_png(directory / "01.png", seed=77)
     s3.upload_file(str(directory / "01.png"), name, f"incoming/{concept_name}/01.png")
-    record = reject_and_check(s3, name, listed, model_dir, "dataset_changed")
+    record = changed_and_check(s3, name, listed, model_dir)
     assert record["object"] == f"s3://{name}/incoming/{concept_name}/01.png"
     (now,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
     assert now.hash != listed.hash and now.state == "pending"  # the settled upload is read again
 
 
-def test_object_added_while_being_read_is_rejected(running_stack, tmp_path, concept_name, model_dir):
+def test_the_same_bytes_back_after_a_change_are_pending_not_rejected(running_stack, tmp_path, concept_name,
+                                                                     model_dir):
+    """Regression (issue 10, item 6): a transient dataset_changed became a permanent rejection of
+    the dataset's hash, so when the upload settled on the same bytes they were never learned."""
+    s3, name = running_stack.client(), running_stack.bucket
+    directory = make_concept(tmp_path, concept_name)
+    upload_raw(s3, name, directory, concept_name)
+    (listed,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
+    s3.put_object(Bucket=name, Key=f"incoming/{concept_name}/01.png", Body=b"half an upload")
+    bucket.validate_or_reject(s3, name, listed, limits=LIMITS, lineage=None)
+    s3.upload_file(str(directory / "01.png"), name, f"incoming/{concept_name}/01.png")  # the same bytes again
+    (again,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
+    assert (again.hash, again.state) == (listed.hash, "pending")
+
+
+def test_object_added_while_being_read_is_read_again_later(running_stack, tmp_path, concept_name, model_dir):
     s3, name = running_stack.client(), running_stack.bucket
     directory = make_concept(tmp_path, concept_name)
     upload_raw(s3, name, directory, concept_name)
     (listed,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
     s3.upload_file(str(write_png(tmp_path / "late.png", seed=8)), name, f"incoming/{concept_name}/late.png")
-    record = reject_and_check(s3, name, listed, model_dir, "dataset_changed")
+    record = changed_and_check(s3, name, listed, model_dir)
     assert record["object"] == f"s3://{name}/incoming/{concept_name}/"
 
 
