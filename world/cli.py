@@ -97,7 +97,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     world = sub.add_parser("world", help="build the benchmark world (judge, pretrained model, concept folders)")
     wsub = world.add_subparsers(dest="world_command", required=True, metavar="STEP")
     p = wsub.add_parser("judge", help="train and validate the world's identity judge")
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--out", default=str(JUDGE_DIR))
     p.set_defaults(func=cmd_judge)
     p = wsub.add_parser("pretrain", help="pretrain the world's text-to-image model (resumes from its checkpoint)")
