@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from world.readback import bitmap_agreement, read_bitmap
+from world.readback import EMPTY, bitmap_agreement, read_bitmap
 from world.scene import BACKGROUNDS, COLORS, SHAPES, SIZE, Obj, Scene, WorldConcept, place, random_glyph, render
 
 REJECT_KINDS = ("blob", "blurred", "partial", "mixture", "warped", "noise", "empty", "recoloured")
@@ -83,7 +83,8 @@ def random_reject(rng: np.random.Generator, concepts: list[WorldConcept], small:
         if image is None:
             continue
         read = read_bitmap(image)
-        if all(bitmap_agreement(read, c.bitmap) < 0.9 for c in concepts):
+        # An empty read is no concept, however many blank cells a (small) concept has.
+        if read == EMPTY or all(bitmap_agreement(read, c.bitmap) < 0.9 for c in concepts):
             return image
 
 
