@@ -39,7 +39,8 @@ class ModelConfig:
 @dataclass
 class ScoringConfig:
     # taylor: |sum_j W_ij dL/dW_ij| of the diffusion loss (first-order Taylor importance,
-    # Molchanov et al. 2019, arXiv 1906.10771); activation: mean |K/V output| on the concept prompts.
+    # Molchanov et al. 2019, arXiv 1906.10771); gradient: ||dL/dW_i||; activation: mean |K/V
+    # output| on the concept prompts.
     scorer: str = "taylor"
     # Fraction of each layer's K/V rows kept as base neurons. 0.06 of SD-1.5's 24,960 rows of 768
     # weights is 1.15M weights = 0.134% of the UNet, the paper's reported ~0.13% per concept.
@@ -186,7 +187,8 @@ class Config:
             if not ok:
                 raise ConfigError(source, f"{key} {what}")
 
-        check(self.scoring.scorer in ("taylor", "activation"), "scoring.scorer", "must be 'taylor' or 'activation'")
+        check(self.scoring.scorer in ("taylor", "gradient", "activation"), "scoring.scorer",
+              "must be 'taylor', 'gradient' or 'activation'")
         check(0 < self.scoring.base_ratio <= 1, "scoring.base_ratio", "must be in (0, 1]")
         check(0 < self.calibration.general_ratio <= 1, "calibration.general_ratio", "must be in (0, 1]")
         check(0 < self.calibration.general_consistency <= 1, "calibration.general_consistency", "must be in (0, 1]")

@@ -38,6 +38,33 @@ def _grads_on(layers: list[KVLayer]):
             p.grad = None
 
 
+def _gradient_scores(model: DiffusionModel, layers: list[KVLayer], source: ConceptBatchSource, config: ScoringConfig,
+                     row_score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], desc: str,
+                     mixed_precision: str = "no", progress: bool = True) -> Scores:
+    """``row_score(W, dL/dW)`` per row (bias as one more column), per batch of draws, averaged
+    over batches."""
+    scores = {layer.name: torch.zeros(layer.rows) for layer in layers}
+    batches = -(-config.num_score_samples // config.score_batch_size)
+    with _grads_on(layers):
+        for _ in tqdm(range(batches), desc=desc, disable=not progress, leave=False):
+            latents, input_ids = source.sample(config.score_batch_size)
+            with autocast(model.device, mixed_precision):
+                with torch.no_grad():
+                    states = encode_prompts(model, input_ids)
+                loss = diffusion_loss(model, latents, states, source.generator)
+            loss.backward()
+            for layer in layers:
+                w, g = layer.linear.weight.detach().float(), layer.linear.weight.grad.float()
+                if layer.linear.bias is not None:
+                    b = layer.linear.bias
+                    w = torch.cat([w, b.detach().float()[:, None]], dim=1)
+                    g = torch.cat([g, b.grad.float()[:, None]], dim=1)
+                scores[layer.name] += row_score(w, g).cpu()
+                for p in layer.linear.parameters():
+                    p.grad = None
+    return {name: s / batches for name, s in scores.items()}
+
+
 def taylor_scores(model: DiffusionModel, layers: list[KVLayer], source: ConceptBatchSource,
                   config: ScoringConfig, mixed_precision: str = "no", progress: bool = True) -> Scores:
     """First-order Taylor importance of each row: |sum_j W_ij dL/dW_ij| (Molchanov et al. 2019).
@@ -46,26 +73,16 @@ def taylor_scores(model: DiffusionModel, layers: list[KVLayer], source: ConceptB
     batch of (image, prompt, timestep, noise) draws and averaged over batches, so that rows whose
     gradient sign flips between timesteps still count as important.
     """
-    scores = {layer.name: torch.zeros(layer.rows) for layer in layers}
-    batches = -(-config.num_score_samples // config.score_batch_size)
-    with _grads_on(layers):
-        for _ in tqdm(range(batches), desc="scoring neurons", disable=not progress, leave=False):
-            latents, input_ids = source.sample(config.score_batch_size)
-            with autocast(model.device, mixed_precision):
-                with torch.no_grad():
-                    states = encode_prompts(model, input_ids)
-                loss = diffusion_loss(model, latents, states, source.generator)
-            loss.backward()
-            for layer in layers:
-                w = layer.linear.weight
-                row = (w.detach().float() * w.grad.float()).sum(dim=1)
-                if layer.linear.bias is not None:
-                    b = layer.linear.bias
-                    row += b.detach().float() * b.grad.float()
-                scores[layer.name] += row.abs().cpu()
-                for p in layer.linear.parameters():
-                    p.grad = None
-    return {name: s / batches for name, s in scores.items()}
+    return _gradient_scores(model, layers, source, config, lambda w, g: (w * g).sum(dim=1).abs(),
+                            "scoring neurons", mixed_precision, progress)
+
+
+def gradient_scores(model: DiffusionModel, layers: list[KVLayer], source: ConceptBatchSource,
+                    config: ScoringConfig, mixed_precision: str = "no", progress: bool = True) -> Scores:
+    """||dL/dW_i|| per row: how fast the concept's loss falls when the row starts to move, the
+    benefit of *training* a row (Taylor estimates the effect of zeroing it)."""
+    return _gradient_scores(model, layers, source, config, lambda w, g: g.norm(dim=1), "scoring neurons",
+                            mixed_precision, progress)
 
 
 def _token_positions(input_ids: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
@@ -111,7 +128,8 @@ def activation_scores(model: DiffusionModel, layers: list[KVLayer], source: Conc
     return kv_activations(model, layers, ids, positions)
 
 
-SCORERS: dict[str, Callable[..., Scores]] = {"taylor": taylor_scores, "activation": activation_scores}
+SCORERS: dict[str, Callable[..., Scores]] = {"taylor": taylor_scores, "gradient": gradient_scores,
+                                             "activation": activation_scores}
 
 
 def score_neurons(model: DiffusionModel, layers: list[KVLayer], source: ConceptBatchSource, config: ScoringConfig,

@@ -1,105 +1,163 @@
 """``cns bench world``: Concept Neuron Selection against the methods people use instead, in the
-benchmark world, side by side on the same concepts, step budget and seeds.
+benchmark world, side by side on the same concepts, seeds and samples.
 
-Methods (each learns the concepts in the same order, each concept with its own new token whose
-embedding trains too, starting from its class noun):
+Every method is one entry of :data:`METHODS` (how it learns one concept, and how concepts are
+combined: one after another in one model, each alone on the pretrained model, or each alone and
+fused at the end), so the loop has one shape and a new baseline is one entry.
 
-- ``cns``            the library's CNS, unchanged (prepare, general, score, select, train, commit);
-- ``cns_no_general`` CNS without general-neuron removal;
-- ``cns_no_reg``     CNS without L_reg;
-- ``cns_random``     random rows in place of the scored ones, the same count in every layer,
-                     drawn from the rows CNS could have picked (not general, not owned);
-- ``naive_kv``       every cross-attention K/V row, no regularization, one concept after the other
-                     (Custom Diffusion's trainable set, trained sequentially);
-- ``lora_seq``       a rank-r LoRA on every K/V projection per concept, merged into the weights
-                     before the next concept;
-- ``lora_fused``     one LoRA per concept on the pretrained model, fused at the end by adding the
-                     weight deltas (the plain weight-sum fusion that Mix-of-Show compares its
-                     gradient fusion against; gradient fusion itself is not implemented here);
-- ``single_kv``      the fidelity ceiling: every K/V row, each concept alone on the pretrained model.
-
-Metrics come from the world's truth (world.metrics, world.judge): concept fidelity, prompt
-fidelity, the fidelity matrix (concept i after learning concept j) and forgetting, zero-shot
-drift on base captions, and two concepts in one prompt.
+The protocol (docs/world.md):
+- ten benchmark concepts learned in the order of data/world/concepts.yaml; settings are chosen
+  on the two *validation* concepts (bowtie, plusdot) by ``cns bench world tune``, never on these;
+- every method is trained with each of ``seeds`` training seeds; concepts are drawn 24 times
+  each (6 backgrounds x 4 noise seeds, the same noise for every method and training seed, so
+  comparisons are paired);
+- a concept is read right after it was learned and after the last concept (19 readings per
+  sequential run), by the judge (identity, with a reject class), by the truth (the object read
+  back to its 8x8 bitmap: the continuous primary metric) and by judge-embedding similarity,
+  normalised between the pretrained model (0) and fresh renders (1);
+- results are cached per method and training seed (``<cache>/<method>/seed<k>.json``;
+  single-concept methods per concept too), so the benchmark runs in parts and resumes;
+- :mod:`world.report` turns the cache into the table with 95% bootstrap intervals over
+  concepts x seeds, paired differences, ratios and pictures.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import platform
-import tempfile
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 
 from cns.config import Config, config_from_dict
 from cns.cumulative import CumulativeModel, open_model
 from cns.learn import commit, general, prepare, score, select
 from cns.learn import train as cns_train
-from cns.neurons import count, difference, empty_mask, row_counts, weights_in
-from cns.selection import Selection
+from cns.neurons import count, empty_mask, row_counts, weights_in
 from cns.train import TrainableToken, finetune
 from world.concepts import write_concept_dirs
 from world.judge import load_judge
-from world.metrics import attribute_accuracy, base_prompts, concept_prompts, pair_accuracy, sample
+from world.metrics import attribute_accuracy, base_prompts, concept_agreement, concept_prompts, pair_accuracy, sample
 from world.model import MODEL_DIR
-from world.scene import BACKGROUNDS, COLORS, HELDOUT_PAIRS, SHAPES, Obj, WorldConcept, caption, load_concepts
+from world.scene import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, SHAPES, Obj, WorldConcept, caption,
+                         concept_training_scenes, load_concepts, random_glyph, render)
 
 log = logging.getLogger(__name__)
 
-METHODS = ("cns", "cns_no_general", "cns_no_reg", "cns_random", "naive_kv", "lora_seq", "lora_fused", "single_kv")
-SEQUENTIAL = ("cns", "cns_no_general", "cns_no_reg", "cns_random", "naive_kv", "lora_seq")
+VALIDATION = ("bowtie", "plusdot")  # settings are tuned on these, never on the benchmark's concepts
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    learner: str  # "cns" (selected rows + token), "kv" (every K/V row + token), "lora", "token"
+    combine: str = "sequential"  # "sequential" | "alone" (each on the pretrained model) | "fused"
+    regularized: bool = False  # CNS's L_reg
+    rows: str = "taylor"  # CNS variants: how rows are ranked (taylor | gradient | random | bottom)
+    remove_general: bool = True
+    family: str = ""  # methods of one family share tuned settings (so row choices are compared fairly)
+    about: str = ""
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("cns", "cns", regularized=True, family="cns", about="the library's CNS, unchanged"),
+    Method("cns_no_general", "cns", regularized=True, remove_general=False, family="cns",
+           about="CNS without general-neuron removal"),
+    Method("cns_no_reg", "cns", family="cns", about="CNS without L_reg"),
+    Method("cns_random", "cns", regularized=True, rows="random", family="cns",
+           about="random rows from the same free pool, the same count per layer"),
+    Method("cns_bottom", "cns", regularized=True, rows="bottom", family="cns", about="the lowest-scored free rows"),
+    Method("cns_gradient", "cns", regularized=True, rows="gradient", family="cns",
+           about="rows ranked by gradient norm instead of Taylor importance"),
+    Method("token_only", "token", family="token", about="only the token's embedding (Textual Inversion)"),
+    Method("naive_kv", "kv", family="kv", about="every K/V row, no L_reg, one concept after the other"),
+    Method("lora_seq", "lora", family="lora", about="a rank-4 LoRA per concept on every K/V projection, merged"),
+    Method("lora_fused", "lora", combine="fused", family="lora",
+           about="one LoRA per concept, fused at the end by adding the deltas (Mix-of-Show's weight-sum baseline)"),
+    Method("single_kv", "kv", combine="alone", family="kv", about="the ceiling: every K/V row, each concept alone"),
+)}
+MAIN = ("cns", "cns_no_general", "cns_no_reg", "cns_random", "token_only", "naive_kv", "lora_seq", "lora_fused",
+        "single_kv")
+
+
+@dataclass
+class Hyper:
+    learning_rate: float
+    token_learning_rate: float
+    steps: int
+
+
+# Untuned starting points; `cns bench world tune` replaces them by the pre-declared rule.
+DEFAULT_HYPER = {"cns": Hyper(1e-2, 5e-3, 200), "token": Hyper(0.0, 5e-2, 200), "kv": Hyper(1e-2, 5e-3, 200),
+                 "lora": Hyper(1e-2, 5e-3, 200)}
+TUNE_GRID = {"learning_rate": (3e-3, 1e-2, 3e-2), "token_learning_rate": (5e-3, 5e-2)}
 
 
 @dataclass
 class BenchSettings:
     concepts: int = 10
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    steps: int = 100
+    methods: list[str] = field(default_factory=lambda: list(MAIN))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     batch_size: int = 4
-    learning_rate: float = 1e-2
-    token_learning_rate: float = 5e-2
     lora_rank: int = 4
-    lora_learning_rate: float = 1e-2
     base_ratio: float = 0.06
     images_per_concept: int = 5
-    seeds_per_prompt: int = 1
-    seed: int = 0
+    noise_per_background: int = 4  # x 6 backgrounds = 24 samples per concept
+    steps: int | None = None  # overrides every method's tuned steps (the smoke run)
     model_dir: str = str(MODEL_DIR)
+    tuned: str | None = "docs/world/tuned.json"
+    # Refuse a full run until `--sweep tune` found the ceiling learning (tuned.json's gate).
+    require_gate: bool = True
 
     @classmethod
     def smoke(cls) -> "BenchSettings":
-        return cls(concepts=2, steps=8, methods=["cns", "naive_kv", "lora_fused", "single_kv"])
+        return cls(concepts=2, steps=8, seeds=[0], noise_per_background=1,
+                   methods=["cns", "token_only", "lora_fused", "single_kv"], tuned=None, require_gate=False)
+
+
+def hyper_for(method: Method, settings: BenchSettings) -> Hyper:
+    tuned = {}
+    if settings.tuned and Path(settings.tuned).is_file():
+        tuned = json.loads(Path(settings.tuned).read_text()).get("chosen", {})
+    hyper = Hyper(**tuned[method.family]) if method.family in tuned else DEFAULT_HYPER[method.family]
+    return replace(hyper, steps=settings.steps) if settings.steps else hyper
 
 
 # ---- configuration shared by every method ---------------------------------------------------
 
-def world_calibration_prompts(path: Path) -> Path:
-    """General neurons of the world's model come from the world's own captions."""
+def world_calibration_prompts(path: Path, count: int = 300, seed: int = 0) -> Path:
+    """General neurons of the world's model come from the world's own captions: every seen
+    (shape, colour) pair on every background, and family glyphs."""
     lines = [caption([Obj(s, c)], bg) for s in SHAPES for c in COLORS
              for bg in BACKGROUNDS if (s, c) not in HELDOUT_PAIRS]
+    rng = np.random.default_rng(seed)
+    lines += [caption([Obj(glyph=random_glyph(rng, load_concepts()))], list(BACKGROUNDS)[i % len(BACKGROUNDS)])
+              for i in range(count - len(lines))]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def cns_config(settings: BenchSettings, work: Path, device: str = "cpu", **train_overrides) -> Config:
-    train = {"learning_rate": settings.learning_rate, "token_learning_rate": settings.token_learning_rate,
-             "max_train_steps": settings.steps, "train_batch_size": settings.batch_size, "seed": settings.seed,
-             "random_flip": False, "log_every": 0} | train_overrides
+def cns_config(settings: BenchSettings, work: Path, hyper: Hyper, seed: int, device: str = "cpu",
+               method: Method | None = None) -> Config:
+    train = {"learning_rate": hyper.learning_rate, "token_learning_rate": hyper.token_learning_rate,
+             "max_train_steps": hyper.steps, "train_batch_size": settings.batch_size, "seed": seed,
+             "random_flip": False, "log_every": 0}
+    if method is not None and not method.regularized:
+        train |= {"reg_previous_weight": 0.0, "reg_pretrained_weight": 0.0, "reg_output_weight": 0.0,
+                  "reg_generic_weight": 0.0}
+    scorer = "gradient" if method is not None and method.rows == "gradient" else "taylor"
     return config_from_dict({
         "model": {"pretrained_model_name_or_path": settings.model_dir, "device": device, "mixed_precision": "no"},
-        "model_dir": str(work / "model"), "cache_dir": str(work / "cache"),
-        "scoring": {"base_ratio": settings.base_ratio},
-        "calibration": {"prompts_file": str(world_calibration_prompts(work / "calibration.txt"))},
+        "model_dir": str(work / "model"), "cache_dir": str(work.parent / "cache"),
+        "scoring": {"base_ratio": settings.base_ratio, "scorer": scorer},
+        "calibration": {"prompts_file": str(world_calibration_prompts(work.parent / "calibration.txt"))},
         "train": train,
         "evaluate": {"holdout_images": 1},
         "limits": {"min_images": 3},
@@ -125,20 +183,21 @@ class LoRA(nn.Module):
         self.handle.remove()
 
 
-def train_lora(cumulative: CumulativeModel, prepared, settings: BenchSettings) -> dict[str, torch.Tensor]:
+def train_lora(cumulative: CumulativeModel, prepared, hyper: Hyper, rank: int, batch_size: int,
+               seed: int) -> dict[str, torch.Tensor]:
     """Train one LoRA per K/V layer and the token row; returns {layer: delta W} (not applied)."""
-    model = cumulative.model
-    generator = torch.Generator().manual_seed(settings.seed)
-    loras = {layer.name: LoRA(layer.linear, settings.lora_rank, generator) for layer in cumulative.layers}
-    token = TrainableToken(model.token_embedding, prepared.token_id)
-    optimizer = torch.optim.AdamW([
-        {"params": [p for lora in loras.values() for p in lora.parameters()], "lr": settings.lora_learning_rate},
-        {"params": [token.row], "lr": settings.token_learning_rate}], weight_decay=0.0)
     from cns.diffusion import diffusion_loss, encode_prompts
 
+    model = cumulative.model
+    generator = torch.Generator().manual_seed(seed)
+    loras = {layer.name: LoRA(layer.linear, rank, generator) for layer in cumulative.layers}
+    token = TrainableToken(model.token_embedding, prepared.token_id)
+    optimizer = torch.optim.AdamW([
+        {"params": [p for lora in loras.values() for p in lora.parameters()], "lr": hyper.learning_rate},
+        {"params": [token.row], "lr": hyper.token_learning_rate}], weight_decay=0.0)
     try:
-        for _ in range(settings.steps):
-            latents, ids = prepared.source.sample(settings.batch_size)
+        for _ in range(hyper.steps):
+            latents, ids = prepared.source.sample(batch_size)
             loss = diffusion_loss(model, latents, encode_prompts(model, ids), prepared.source.generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,361 +216,264 @@ def add_deltas(cumulative: CumulativeModel, deltas: dict[str, torch.Tensor], sig
                 layer.linear.weight.add_(sign * deltas[layer.name])
 
 
-# ---- one method -------------------------------------------------------------------------------
+# ---- learning one concept ---------------------------------------------------------------------
+
+def learn_one(method: Method, cumulative: CumulativeModel, directory: Path, config: Config, hyper: Hyper,
+              settings: BenchSettings, seed: int) -> dict:
+    """Learn one concept into ``cumulative`` the method's way; returns what it trained (and, for
+    LoRA, the delta, so a fused run can take it out and put it back)."""
+    from cns.concept import hash_concept_dir, load_concept
+
+    prepared = prepare(cumulative, load_concept(directory), config)
+    rows = row_counts(cumulative.layers)
+    if method.learner == "cns":
+        general_mask = general(cumulative, config)[0] if method.remove_general else empty_mask(rows)
+        if method.rows == "random":
+            g = torch.Generator().manual_seed(seed * 7919 + len(cumulative.lineage.concepts))
+            scores = {name: torch.rand(n, generator=g) for name, n in rows.items()}
+        else:
+            scores = score(cumulative, prepared, config, progress=False)
+            if method.rows == "bottom":
+                scores = {name: -s for name, s in scores.items()}
+        selection = select(cumulative, scores, general_mask, config)
+        result = cns_train(cumulative, prepared, selection, config, progress=False)
+        commit(cumulative, prepared, selection, scores, result, hash_concept_dir(directory), config)
+        info = {"rows": count(selection.concept),
+                "rows_per_layer": {n: int(m.sum()) for n, m in selection.concept.items()}}
+    elif method.learner in ("kv", "token"):
+        mask = {n: torch.full((r,), method.learner == "kv", dtype=torch.bool) for n, r in rows.items()}
+        finetune(cumulative.model, cumulative.layers, mask, prepared.token_id, prepared.source, config.train,
+                 pretrained=cumulative.pretrained, progress=False)
+        info = {"rows": count(mask)}
+    else:
+        deltas = train_lora(cumulative, prepared, hyper, settings.lora_rank, settings.batch_size, seed)
+        add_deltas(cumulative, deltas)
+        info = {"rows": sum(rows.values()), "deltas": deltas}
+    info["token"] = cumulative.model.token_embedding.weight[prepared.token_id].detach().clone()
+    return info
+
+
+# ---- reading concepts back --------------------------------------------------------------------
 
 @dataclass
-class MethodRun:
-    name: str
-    # matrix[j][i]: concept i's reading after learning concepts 0..j (None where i > j)
-    matrix: list[list[dict | None]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    neurons: list[int] = field(default_factory=list)
-    weights_changed: int = 0
-    final: dict = field(default_factory=dict)
-    samples: list[np.ndarray] = field(default_factory=list)  # per concept, its final sample on gray
+class Context:
+    """What every run shares: the judge, the concepts, their folders and references."""
+
+    judge: object
+    concepts: list[WorldConcept]
+    dirs: list[Path]
+    references: dict[str, torch.Tensor]
+    settings: BenchSettings
+    work: Path
+    device: str = "cpu"
 
 
-def gray_samples(model, concepts: list[WorldConcept], indices: list[int], seed: int) -> list[np.ndarray]:
-    prompts = [caption([Obj(concept=c)], "gray") for c in concepts]
-    return list(sample(model, prompts, [seed + 1000 * i for i in indices]))
-
-
-def evaluate_concepts(model, judge, concepts: list[WorldConcept], indices: list[int],
-                      settings: BenchSettings, references: dict[str, torch.Tensor]) -> list[dict]:
-    """Concept and prompt fidelity of each concept: one sample per background (per seed). A
-    sample's seed depends only on its concept's index and prompt, so a concept is drawn from the
-    same noise after every later concept and in every method."""
-    prompts, bgs, owners, seeds = [], [], [], []
-    for k, (concept, index) in enumerate(zip(concepts, indices)):
-        for j, (text, bg) in enumerate(concept_prompts(concept)):
-            for s in range(settings.seeds_per_prompt):
+def concept_readings(model, ctx: Context, indices: list[int]) -> list[dict]:
+    """Per concept: 24 samples (6 backgrounds x 4 noise seeds); a sample's noise depends only
+    on the concept and the prompt, so every method and training seed draws from the same noise."""
+    prompts, owners, seeds, bgs = [], [], [], []
+    for index in indices:
+        for j, (text, bg) in enumerate(concept_prompts(ctx.concepts[index])):
+            for s in range(ctx.settings.noise_per_background):
                 prompts.append(text)
+                owners.append(index)
+                seeds.append(1000 * index + 10 * j + s)
                 bgs.append(bg)
-                owners.append(k)
-                seeds.append(settings.seed + 1000 * index + 10 * j + s)
     images = sample(model, prompts, seeds)
-    reads = judge.read(images)
-    embeddings = judge.embeddings(images)
+    reads = ctx.judge.read(images)
+    embeddings = ctx.judge.embeddings(images)
     out = []
-    for k, concept in enumerate(concepts):
-        mine = [i for i, o in enumerate(owners) if o == k]
+    for index in indices:
+        concept = ctx.concepts[index]
+        mine = [i for i, o in enumerate(owners) if o == index]
         out.append({
-            "concept_fidelity": float(np.mean([reads[i]["identity"] == concept.name for i in mine])),
-            "concept_similarity": float((embeddings[mine] @ references[concept.name]).mean()),
+            "concept": concept.name,
+            "identity": float(np.mean([reads[i]["identity"] == concept.name for i in mine])),
+            "bitmap": float(np.mean(concept_agreement(images[mine], concept))),
+            "similarity": float((embeddings[mine] @ ctx.references[concept.name]).mean()),
             "prompt_fidelity": float(np.mean([reads[i]["background"] == bgs[i] for i in mine])),
+            "samples": len(mine),
         })
     return out
 
 
 def reference_embeddings(judge, concepts: list[WorldConcept], dirs: list[Path]) -> tuple[dict, dict]:
-    """Each concept's reference for concept similarity (the unit mean judge embedding of its
-    photos), and the similarity's validation on fresh renders: same concept against others."""
-    from world.scene import concept_training_scenes, render
-
-    references = {}
+    """Each concept's reference for similarity (the unit mean judge embedding of its photos), and
+    fresh renders' similarity to it (the top of the normalised scale)."""
+    references, fresh = {}, {}
     for concept, directory in zip(concepts, dirs):
         photos = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(directory.glob("*.png"))])
         references[concept.name] = torch.nn.functional.normalize(judge.embeddings(photos).mean(0), dim=0)
-    same, other = [], []
-    for concept in concepts:
-        fresh = judge.embeddings(np.stack([render(s) for s in concept_training_scenes(concept, 6, seed=999)]))
-        for name, ref in references.items():
-            (same if name == concept.name else other).append(float((fresh @ ref).mean()))
-    return references, {"same_concept": float(np.mean(same)), "other_concepts": float(np.mean(other))}
+        renders = judge.embeddings(np.stack([render(s) for s in concept_training_scenes(concept, 6, seed=999)]))
+        fresh[concept.name] = float((renders @ references[concept.name]).mean())
+    return references, fresh
 
 
-def zero_shot(model, judge, seed: int) -> tuple[dict, np.ndarray]:
+def zero_shot(model, judge, seed: int = 50_000) -> tuple[dict, np.ndarray]:
     triples = base_prompts("heldout") + base_prompts("seen")
     prompts = [caption([Obj(s, c)], bg) for s, c, bg in triples]
     images = sample(model, prompts, [seed + i for i in range(len(prompts))])
     return attribute_accuracy(model, judge, triples, images=images), images
 
 
-def two_concepts(model, judge, concepts: list[WorldConcept], seed: int) -> dict:
-    if len(concepts) < 2:
+def two_concepts(model, ctx: Context, indices: list[int], seed: int = 60_000) -> dict:
+    if len(indices) < 2:
         return {}
-    pairs = [(concepts[i], concepts[(i + 1) % len(concepts)]) for i in range(len(concepts))]
+    pairs = [(ctx.concepts[indices[i]], ctx.concepts[indices[(i + 1) % len(indices)]]) for i in range(len(indices))]
     bgs = [list(BACKGROUNDS)[i % len(BACKGROUNDS)] for i in range(len(pairs))]
     prompts = [caption([Obj(concept=a), Obj(concept=b)], bg) for (a, b), bg in zip(pairs, bgs)]
     images = sample(model, prompts, [seed + i for i in range(len(prompts))])
-    return pair_accuracy(judge.read_pair(images), pairs, bgs)
+    return pair_accuracy(ctx.judge.read_pair(images), pairs, bgs)
 
 
-def run_method(name: str, settings: BenchSettings, concepts: list[WorldConcept], concept_dirs: list[Path],
-               judge, references: dict[str, torch.Tensor], work: Path, base_zero_shot: tuple[dict, np.ndarray],
-               device: str = "cpu") -> MethodRun:
-    from cns.concept import load_concept, hash_concept_dir
+def gray_samples(model, ctx: Context, indices: list[int]) -> np.ndarray:
+    prompts = [caption([Obj(concept=ctx.concepts[i])], "gray") for i in indices]
+    return sample(model, prompts, [90_000 + 1000 * i for i in indices])
 
-    run = MethodRun(name)
-    overrides = {"reg_previous_weight": 0.0, "reg_pretrained_weight": 0.0, "reg_output_weight": 0.0} \
-        if name in ("cns_no_reg", "naive_kv", "lora_seq", "lora_fused", "single_kv") else {}
-    config = cns_config(settings, work / name, device, **overrides)
+
+# ---- one method, one training seed ------------------------------------------------------------
+
+def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray, samples_file: Path,
+               hyper: Hyper | None = None) -> dict:
+    """Learn every concept the method's way; read each right after learning it and after the
+    last one. Returns the cache record; each concept's final sample on gray goes to
+    ``samples_file``."""
+    settings = ctx.settings
+    hyper = hyper or hyper_for(method, settings)
+    work = ctx.work / f"{method.name}-seed{seed}"
+    shutil.rmtree(work, ignore_errors=True)  # an interrupted run starts over (its record was never cached)
+    config = cns_config(settings, work, hyper, seed, ctx.device, method)
+    indices = list(range(len(ctx.concepts)))
+    record = {"method": method.name, "seed": seed, "hyper": asdict(hyper), "just_learned": [], "rows": [],
+              "rows_per_layer": [], "train_seconds": 0.0}
     cumulative = open_model(config.model_dir, config)
-    general_mask = general(cumulative, config)[0]
-    layer_rows = row_counts(cumulative.layers)
-    all_rows = {n: torch.ones(r, dtype=torch.bool) for n, r in layer_rows.items()}
-    rng = torch.Generator().manual_seed(settings.seed)
-    fused: list[dict[str, torch.Tensor]] = []
-    learned: list[WorldConcept] = []
-    for k, (concept, directory) in enumerate(zip(concepts, concept_dirs)):
-        log.info("%s: concept %d/%d (%s)", name, k + 1, len(concepts), concept.name)
-        if name == "single_kv":  # every concept alone on the pretrained model
-            cumulative = open_model(work / name / f"model-{k}", config)
-        concept_files = load_concept(directory)
-        prepared = prepare(cumulative, concept_files, config)
+    fused, samples = [], []
+    for k in indices:
+        if method.combine != "sequential":
+            cumulative = open_model(work / f"model-{k}", replace(config, model_dir=str(work / f"model-{k}")))
         start = time.perf_counter()
-        if name.startswith("cns"):
-            scores = score(cumulative, prepared, config, progress=False)
-            selection = select(cumulative, scores, empty_mask(layer_rows) if name == "cns_no_general" else general_mask,
-                               config)
-            if name == "cns_random":
-                selection = random_selection(selection, cumulative, general_mask, rng)
-            result = cns_train(cumulative, prepared, selection, config, progress=False)
-            commit(cumulative, prepared, selection, scores, result, hash_concept_dir(directory), config)
-            run.neurons.append(count(selection.concept))
-        elif name in ("naive_kv", "single_kv"):
-            finetune(cumulative.model, cumulative.layers, all_rows, prepared.token_id, prepared.source, config.train,
-                     pretrained=cumulative.pretrained, progress=False)
-            run.neurons.append(count(all_rows))
-        else:  # LoRA
-            deltas = train_lora(cumulative, prepared, settings)
+        info = learn_one(method, cumulative, ctx.dirs[k], config, hyper, settings, seed)
+        record["train_seconds"] += time.perf_counter() - start
+        record["rows"].append(info["rows"])
+        record["rows_per_layer"].append(info.get("rows_per_layer"))
+        reading = concept_readings(cumulative.model, ctx, [k])[0]
+        record["just_learned"].append(reading)
+        print(f"[bench world] {method.name} seed {seed} {ctx.concepts[k].name}: bitmap {reading['bitmap']:.2f} "
+              f"identity {reading['identity']:.2f}", flush=True)
+        if method.combine == "alone":
+            samples.append(gray_samples(cumulative.model, ctx, [k])[0])
+        if method.combine == "fused":
+            fused.append((info["deltas"], info["token"]))
+    if method.combine == "alone":
+        record["final"] = record["just_learned"]
+        save_images(np.stack(samples), samples_file)
+        return record
+    if method.combine == "fused":  # every token and every LoRA delta into one pretrained model
+        from cns.delta import add_token
+
+        cumulative = open_model(work / "fused", replace(config, model_dir=str(work / "fused")))
+        for k, (deltas, token) in zip(indices, fused):
+            token_id = add_token(cumulative.model, ctx.concepts[k].token)
+            with torch.no_grad():
+                cumulative.model.token_embedding.weight[token_id] = token
             add_deltas(cumulative, deltas)
-            if name == "lora_fused":
-                fused.append(deltas)
-            run.neurons.append(count(all_rows))
-        run.train_seconds += time.perf_counter() - start
-        learned.append(concept)
-        if name == "single_kv":
-            row = [None] * len(concepts)
-            row[k] = evaluate_concepts(cumulative.model, judge, [concept], [k], settings, references)[0]
-            run.matrix.append(row)
-            print(f"[bench world] {name} {concept.name}: fidelity {row[k]['concept_fidelity']:.2f}", flush=True)
-            run.samples += gray_samples(cumulative.model, [concept], [k], 90_000)
-            continue
-        if name == "lora_fused":
-            # "right after learning" = the concept's own LoRA alone; then back to the pretrained weights.
-            reading = evaluate_concepts(cumulative.model, judge, [concept], [k], settings, references)[0]
-            add_deltas(cumulative, deltas, -1.0)
-            row = [None] * len(concepts)
-            row[k] = reading
-            run.matrix.append(row)
-            continue
-        readings = evaluate_concepts(cumulative.model, judge, learned, list(range(len(learned))), settings,
-                                     references)
-        run.matrix.append(readings + [None] * (len(concepts) - len(learned)))
-        print(f"[bench world] {name} after {concept.name}: fidelity {readings[-1]['concept_fidelity']:.2f}, "
-              f"mean so far {np.mean([r['concept_fidelity'] for r in readings]):.2f}, "
-              f"prompt {readings[-1]['prompt_fidelity']:.2f}", flush=True)
-    if name == "lora_fused":
-        for deltas in fused:
-            add_deltas(cumulative, deltas)
-        run.matrix.append(evaluate_concepts(cumulative.model, judge, learned, list(range(len(learned))), settings,
-                                            references))
-    if name == "single_kv":
-        run.final = {"concepts": [run.matrix[k][k] for k in range(len(concepts))]}
-        run.weights_changed = weights_in(all_rows, cumulative.layers)
-        return run
-    run.final = {"concepts": run.matrix[-1][:len(concepts)]}
-    run.samples = gray_samples(cumulative.model, learned, list(range(len(learned))), 90_000)
-    accuracy, images = zero_shot(cumulative.model, judge, 50_000)
-    run.final["zero_shot"] = accuracy
-    run.final["zero_shot_pixel_change"] = float(np.abs(images.astype(np.float32)
-                                                        - base_zero_shot[1].astype(np.float32)).mean() / 255)
-    run.final["pairs"] = two_concepts(cumulative.model, judge, learned, 60_000)
+    record["final"] = concept_readings(cumulative.model, ctx, indices)
+    accuracy, images = zero_shot(cumulative.model, ctx.judge)
+    record["zero_shot"] = accuracy
+    record["zero_shot_pixel_change"] = float(np.abs(images.astype(np.float32) - base_images.astype(np.float32)).mean()
+                                             / 255)
+    record["pairs"] = two_concepts(cumulative.model, ctx, indices)
+    save_images(gray_samples(cumulative.model, ctx, indices), samples_file)
     changed = {layer.name: (layer.linear.weight.detach().cpu() != cumulative.pretrained[layer.name]).any(1)
                for layer in cumulative.layers}
-    run.weights_changed = weights_in(changed, cumulative.layers)
-    return run
-
-
-def random_selection(selection: Selection, cumulative: CumulativeModel, general_mask, rng: torch.Generator) -> Selection:
-    """As many rows per layer as CNS selected, drawn at random from the rows CNS could pick."""
-    allowed = difference(difference({n: torch.ones_like(m) for n, m in selection.concept.items()}, general_mask),
-                         cumulative.owned())
-    concept = {}
-    for name, mask in selection.concept.items():
-        pool = allowed[name].nonzero().flatten()
-        k = min(int(mask.sum()), len(pool))
-        rows = torch.zeros_like(mask)
-        rows[pool[torch.randperm(len(pool), generator=rng)[:k]]] = True
-        concept[name] = rows
-    return replace(selection, concept=concept)
+    record["weights_changed"] = weights_in(changed, cumulative.layers)
+    return record
 
 
 # ---- the whole benchmark ----------------------------------------------------------------------
 
-def summarize(run: MethodRun, ceiling: MethodRun | None, base_accuracy: dict) -> dict:
-    n = len(run.final["concepts"])
-    diag = [run.matrix[k][k]["concept_fidelity"] for k in range(n)]
-    final = [c["concept_fidelity"] for c in run.final["concepts"]]
-    diag_sim = [run.matrix[k][k]["concept_similarity"] for k in range(n)]
-    final_sim = [c["concept_similarity"] for c in run.final["concepts"]]
-    row = {"method": run.name,
-           "fidelity_just_learned": float(np.mean(diag)),
-           "fidelity_final": float(np.mean(final)),
-           "similarity_just_learned": float(np.mean(diag_sim)),
-           "similarity_final": float(np.mean(final_sim)),
-           "forgetting_similarity": float(np.mean([d - f for d, f in zip(diag_sim[:-1], final_sim[:-1])]))
-           if n > 1 else 0.0,
-           "prompt_fidelity_final": float(np.mean([c["prompt_fidelity"] for c in run.final["concepts"]])),
-           "forgetting": float(np.mean([d - f for d, f in zip(diag[:-1], final[:-1])])) if n > 1 else 0.0,
-           "neurons_per_concept": float(np.mean(run.neurons)),
-           "weights_changed": run.weights_changed,
-           "train_seconds": round(run.train_seconds, 1)}
-    if ceiling is not None:
-        ceil = float(np.mean([c["concept_fidelity"] for c in ceiling.final["concepts"]]))
-        row["fidelity_vs_ceiling"] = row["fidelity_final"] / ceil if ceil else float("nan")
-        ceil_sim = float(np.mean([c["concept_similarity"] for c in ceiling.final["concepts"]]))
-        row["similarity_vs_ceiling"] = row["similarity_final"] / ceil_sim if ceil_sim else float("nan")
-    if "zero_shot" in run.final:
-        row["zero_shot_accuracy"] = run.final["zero_shot"]["all"]
-        row["zero_shot_drift"] = base_accuracy["all"] - run.final["zero_shot"]["all"]
-        row["zero_shot_pixel_change"] = run.final["zero_shot_pixel_change"]
-        row.update({f"two_concepts_{k.removeprefix('pair_')}": v for k, v in run.final["pairs"].items()})
-    return row
+def save_images(images: np.ndarray, path: Path) -> None:
+    """uint8 (n, h, w, 3) as one lossless PNG strip."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(path)
 
 
-def run_benchmark(settings: BenchSettings, out: Path, device: str = "cpu") -> Path:
-    started = time.perf_counter()
-    concepts = load_concepts()[:settings.concepts]
+def load_images(path: Path) -> np.ndarray:
+    strip = np.asarray(Image.open(path).convert("RGB"))
+    size = strip.shape[0]
+    return np.stack([strip[:, i:i + size] for i in range(0, strip.shape[1], size)])
+
+
+def cached_run(path: Path, compute) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    record = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(path)
+    return record
+
+
+def benchmark_concepts(settings: BenchSettings) -> list[WorldConcept]:
+    concepts = [c for c in load_concepts() if c.name not in VALIDATION][:settings.concepts]
     if len(concepts) < settings.concepts:
-        raise ValueError(f"data/world/concepts.yaml holds {len(concepts)} concepts, {settings.concepts} asked for")
+        raise ValueError(f"data/world/concepts.yaml holds {len(concepts)} benchmark concepts, "
+                         f"{settings.concepts} asked for")
+    return concepts
+
+
+def context(settings: BenchSettings, concepts: list[WorldConcept], work: Path, device: str) -> Context:
+    dirs = write_concept_dirs(concepts, work / "concepts", images=settings.images_per_concept)
     judge = load_judge()
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="cns-world-") as tmp:
-        work = Path(tmp)
-        dirs = write_concept_dirs(concepts, work / "concepts", images=settings.images_per_concept)
-        dirs_images = [np.asarray(Image.open(d / "00.png").convert("RGB")) for d in dirs]
-        base = open_model(work / "pretrained", cns_config(settings, work / "pretrained", device))
-        base_zero_shot = zero_shot(base.model, judge, 50_000)
-        references, similarity_validation = reference_embeddings(judge, concepts, dirs)
-        base_readings = evaluate_concepts(base.model, judge, concepts, list(range(len(concepts))), settings,
-                                          references)
-        runs: dict[str, MethodRun] = {}
-        for name in settings.methods:
+    references, _ = reference_embeddings(judge, concepts, dirs)
+    return Context(judge=judge, concepts=concepts, dirs=dirs, references=references, settings=settings, work=work,
+                   device=device)
+
+
+def baseline(ctx: Context, cache: Path) -> dict:
+    """The pretrained model's readings of every concept prompt (the floor) and of base captions,
+    and fresh renders' similarity (the top of the scale)."""
+    def compute() -> dict:
+        config = cns_config(ctx.settings, ctx.work / "pretrained", DEFAULT_HYPER["cns"], 0, ctx.device)
+        base = open_model(config.model_dir, config)
+        accuracy, images = zero_shot(base.model, ctx.judge)
+        _, fresh = reference_embeddings(ctx.judge, ctx.concepts, ctx.dirs)
+        save_images(images, cache / "pretrained-zero-shot.png")
+        save_images(gray_samples(base.model, ctx, list(range(len(ctx.concepts)))), cache / "pretrained-samples.png")
+        return {"zero_shot": accuracy, "fresh_similarity": fresh,
+                "concepts": concept_readings(base.model, ctx, list(range(len(ctx.concepts))))}
+    return cached_run(cache / "pretrained.json", compute)
+
+
+def run_benchmark(settings: BenchSettings, out: Path, cache: Path | None = None, device: str = "cpu") -> Path:
+    """Run (or resume) every method x seed not in ``cache`` yet, then write the report to ``out``."""
+    from world.report import write_report
+
+    started = time.perf_counter()
+    if settings.require_gate:
+        tuned = Path(settings.tuned or "")
+        gate = json.loads(tuned.read_text()).get("gate", {}) if tuned.is_file() else {}
+        if not gate.get("passed"):
+            from cns.errors import CNSError
+
+            raise CNSError(tuned, "the world model has not passed the gate (all-K/V ceiling >= 0.8 on the "
+                                  "validation concepts): run `cns bench world --sweep tune` first"
+                                  + (f"; it measured {gate['kv_identity']:.2f}" if gate else ""), "world_gate")
+    cache = cache or out / "cache"
+    concepts = benchmark_concepts(settings)
+    ctx = context(settings, concepts, cache / ".work", device)  # .work is git-ignored scratch
+    base = baseline(ctx, cache)
+    base_images = load_images(cache / "pretrained-zero-shot.png")
+    runs = {}
+    for name in settings.methods:
+        method = METHODS[name]
+        for seed in settings.seeds:
             t = time.perf_counter()
-            runs[name] = run_method(name, settings, concepts, dirs, judge, references, work, base_zero_shot,
-                                    device)
-            log.info("%s done in %.0fs", name, time.perf_counter() - t)
-            print(f"[bench world] {name}: {time.perf_counter() - t:.0f}s", flush=True)
-    ceiling = runs.get("single_kv")
-    rows = [summarize(run, ceiling if name != "single_kv" else None, base_zero_shot[0]) for name, run in runs.items()]
-    pictures(runs, concepts, dirs_images, base_zero_shot[1], out)
-    record = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {device}",
-              "seconds": round(time.perf_counter() - started, 1), "settings": asdict(settings),
-              "pretrained_zero_shot": base_zero_shot[0], "judge": judge.record.get("validation"),
-              "similarity_validation": similarity_validation,
-              "pretrained_concept_similarity": float(np.mean([r["concept_similarity"] for r in base_readings])),
-              "concepts": [c.name for c in concepts], "results": rows,
-              "matrices": {name: run.matrix for name, run in runs.items()}}
-    write_results(record, out)
+            samples = cache / name / f"seed{seed}-samples.png"
+            runs[(name, seed)] = cached_run(cache / name / f"seed{seed}.json",
+                                            lambda: run_method(method, seed, ctx, base_images, samples))
+            log.info("%s seed %d: %.0fs", name, seed, time.perf_counter() - t)
+    write_report(settings, concepts, base, runs, cache, ctx.dirs, out, seconds=time.perf_counter() - started,
+                 device=device)
     return out
-
-
-def pictures(runs: dict[str, MethodRun], concepts: list[WorldConcept], photos: list[np.ndarray],
-             zero_shot_images: np.ndarray, out: Path) -> None:
-    """samples.png: a training photo of each concept, then each method's final sample of it on
-    gray; pretrained_heldout.png: the pretrained model on held-out (shape, colour) pairs (rows)
-    and every background (columns)."""
-    from cns.generate import grid
-
-    rows = [[Image.fromarray(p) for p in photos]]
-    rows += [[Image.fromarray(a) for a in run.samples] for run in runs.values()]
-    canvas = grid(rows, cell=64)
-    labelled = Image.new("RGB", (canvas.width + 110, canvas.height), "white")
-    labelled.paste(canvas, (110, 0))
-    draw = ImageDraw.Draw(labelled)
-    for k, label in enumerate(["training photo", *runs]):
-        draw.text((4, 64 * k + 26), label, fill="black")
-    labelled.save(out / "samples.png")
-    n_bg = len(BACKGROUNDS)
-    heldout = [[Image.fromarray(a) for a in zero_shot_images[i * n_bg:(i + 1) * n_bg]]
-               for i in range(len(HELDOUT_PAIRS))]
-    grid(heldout, cell=64).save(out / "pretrained_heldout.png")
-
-
-def write_results(record: dict, out: Path) -> None:
-    from world.plots import plot_curves, plot_matrices
-
-    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    rows = record["results"]
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out / "matrix.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "after", "concept", "concept_fidelity", "prompt_fidelity"])
-        for name, matrix in record["matrices"].items():
-            for j, row in enumerate(matrix):
-                for i, cell in enumerate(row):
-                    if cell is not None:
-                        writer.writerow([name, j + 1, record["concepts"][i], cell["concept_fidelity"],
-                                         cell["prompt_fidelity"]])
-    (out / "results.md").write_text(markdown(record))
-    plot_matrices(record, out / "fidelity_matrices.png")
-    plot_curves(record, out / "forgetting_curves.png")
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "" if value is None else str(value)
-
-
-def markdown(record: dict) -> str:
-    rows = record["results"]
-    columns = [("method", "method"), ("fidelity_final", "concept fidelity (final)"),
-               ("fidelity_just_learned", "fidelity right after learning"), ("forgetting", "forgetting"),
-               ("fidelity_vs_ceiling", "final fidelity / ceiling"),
-               ("similarity_final", "concept similarity (final)"),
-               ("similarity_just_learned", "similarity right after learning"),
-               ("forgetting_similarity", "forgetting (similarity)"), ("similarity_vs_ceiling", "similarity / ceiling"),
-               ("prompt_fidelity_final", "prompt fidelity"),
-               ("zero_shot_accuracy", "zero-shot accuracy"), ("zero_shot_drift", "zero-shot drift"),
-               ("zero_shot_pixel_change", "zero-shot pixel change"), ("two_concepts_both", "two concepts: both right"),
-               ("neurons_per_concept", "rows per concept"), ("train_seconds", "train s")]
-    lines = [f"# Benchmark world results ({record['date']})", "",
-             f"Machine: {record['machine']}; whole run {record['seconds'] / 60:.1f} min. Concepts: "
-             f"{', '.join(record['concepts'])}. Settings: `{json.dumps(record['settings'])}`.", "",
-             f"Pretrained model, zero-shot attribute accuracy on base captions: "
-             f"{_fmt(record['pretrained_zero_shot']['all'])} (all three right), shape "
-             f"{_fmt(record['pretrained_zero_shot']['shape'])}, colour {_fmt(record['pretrained_zero_shot']['color'])}, "
-             f"background {_fmt(record['pretrained_zero_shot']['background'])}.", "",
-             "| " + " | ".join(title for _, title in columns) + " |",
-             "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |")
-    by = {row["method"]: row for row in rows}
-    if "cns" in by and "naive_kv" in by:
-        cns, naive = by["cns"], by["naive_kv"]
-        lines += ["", "Ratios (CNS against naive sequential all-K/V finetuning):", ""]
-        lines.append(f"- forgetting: {_ratio(cns['forgetting'], naive['forgetting'])} (target at most 0.333); "
-                     f"on concept similarity: {_ratio(cns['forgetting_similarity'], naive['forgetting_similarity'])}")
-        if "zero_shot_drift" in cns:
-            lines.append(f"- zero-shot drift: {_ratio(cns['zero_shot_drift'], naive['zero_shot_drift'])} "
-                         "(target at most 0.333); pixel change: "
-                         f"{_ratio(cns['zero_shot_pixel_change'], naive['zero_shot_pixel_change'])}")
-        if "fidelity_vs_ceiling" in cns:
-            lines.append(f"- final fidelity / single-concept ceiling: {_fmt(cns['fidelity_vs_ceiling'])} "
-                         f"(target at least 0.9); on concept similarity: {_fmt(cns['similarity_vs_ceiling'])}")
-    if "cns" in by and "cns_random" in by:
-        lines.append(f"- random rows at the same count: final fidelity {_fmt(by['cns_random']['fidelity_final'])} "
-                     f"against {_fmt(by['cns']['fidelity_final'])} for scored rows; similarity "
-                     f"{_fmt(by['cns_random']['similarity_final'])} against {_fmt(by['cns']['similarity_final'])}")
-    lines += ["", "Forgetting = mean over concepts 1..N-1 of (fidelity right after learning it - fidelity after "
-              "all N); the same on concept similarity (cosine of judge embeddings to the concept's own photos, "
-              "the DINO analogue; validation on fresh renders: "
-              f"{json.dumps(record['similarity_validation'])}; the pretrained model's samples for the concept "
-              f"prompts score {_fmt(record['pretrained_concept_similarity'])}). Zero-shot drift = the pretrained model's base-caption accuracy minus the method's "
-              "after all concepts. Judge validation on fresh renders: "
-              f"`{json.dumps(record['judge'])}`.", ""]
-    return "\n".join(lines)
-
-
-def _ratio(a: float, b: float) -> str:
-    if b <= 0:
-        return f"undefined ({_fmt(a)} against {_fmt(b)})"
-    return f"{a / b:.3f} ({_fmt(a)} / {_fmt(b)})"

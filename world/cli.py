@@ -84,7 +84,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings.concepts = args.concepts_count
     if args.methods:
         settings.methods = args.methods.split(",")
-    out = run_benchmark(settings, Path(args.out), device=_device(args.device))
+    if args.seeds:
+        settings.seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    cache = Path(args.cache) if args.cache else None
+    if args.sweep:
+        from world.sweeps import budget_curve, tune
+
+        sweep = tune if args.sweep == "tune" else budget_curve
+        sweep(settings, out, cache or out / f"{args.sweep}-cache", device=_device(args.device))
+    else:
+        run_benchmark(settings, out, cache=cache, device=_device(args.device))
     print(f"wrote the results to {out}")
     return 0
 
@@ -128,8 +138,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")
     p = bsub.add_parser("world", help="CNS against the baselines in the benchmark world")
     p.add_argument("--smoke", action="store_true", help="2 concepts, few steps (the test's size)")
+    p.add_argument("--sweep", choices=("tune", "budget"), default=None,
+                   help="tune: each method family's learning rates on the validation concepts (-> tuned.json); "
+                        "budget: scored vs random/bottom/gradient rows at 2/6/15%% budgets (-> budget.md)")
     p.add_argument("--concepts-count", type=int, default=None)
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    p.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2)")
+    p.add_argument("--cache", default=None, help="finished runs are kept here and not run again "
+                                                  "(default OUT/cache); delete a file to rerun it")
     p.add_argument("--out", default="docs/world")
     p.add_argument("--device", default="auto")
     p.add_argument("-q", "--quiet", action="store_true")

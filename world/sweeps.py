@@ -1,0 +1,121 @@
+"""Two sweeps beside the main benchmark, each cached per cell and resumable like it:
+
+- ``cns bench world tune``: every method family's learning rates, chosen on the two validation
+  concepts by one pre-declared rule, written to ``docs/world/tuned.json``, which the benchmark
+  reads. The rule: the highest mean bitmap gain over the validation concepts, each learned
+  alone on the pretrained model with training seed 0; within 0.01 of the best, the smaller
+  learning rates win (less drift for the same fidelity).
+- ``cns bench world budget``: does *which* rows CNS trains matter? Row budgets of 2%, 6% and 15%
+  of each layer, for Taylor-scored, gradient-norm, random and lowest-scored rows (the same count
+  per layer from the same free pool), each concept alone on the pretrained model, paired over
+  concepts x seeds on the continuous bitmap gain. Reported whichever way it goes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from world.bench import (DEFAULT_HYPER, METHODS, TUNE_GRID, VALIDATION, BenchSettings, Hyper, cached_run, context,
+                         load_images, baseline, run_method)
+from world.report import _cells, fmt, interval, paired
+from world.scene import load_concepts
+
+FAMILY_METHOD = {"cns": "cns", "token": "token_only", "kv": "single_kv", "lora": "lora_seq"}
+BUDGETS = (0.02, 0.06, 0.15)
+GATE = 0.8  # the world model must let the ceiling learn before any full benchmark run
+ROWS = ("taylor", "gradient", "random", "bottom")
+
+
+def _alone(name: str, **changes):
+    return replace(METHODS[name], combine="alone", **changes)
+
+
+def tune(settings: BenchSettings, out: Path, cache: Path, device: str = "cpu") -> dict:
+    concepts = [c for c in load_concepts() if c.name in VALIDATION]
+    ctx = context(settings, concepts, cache / ".work", device)
+    base = baseline(ctx, cache)
+    base_images = load_images(cache / "pretrained-zero-shot.png")
+    results, chosen = [], {}
+    for family, name in FAMILY_METHOD.items():
+        rates = (0.0,) if family == "token" else TUNE_GRID["learning_rate"]
+        candidates = []
+        for lr, token_lr in itertools.product(rates, TUNE_GRID["token_learning_rate"]):
+            hyper = Hyper(lr, token_lr, settings.steps or DEFAULT_HYPER[family].steps)
+            tag = f"{family}-lr{lr:g}-tok{token_lr:g}-steps{hyper.steps}"
+            run = cached_run(cache / f"{tag}.json", lambda: run_method(
+                _alone(name), 0, ctx, base_images, cache / f"{tag}-samples.png", hyper=hyper))
+            gain = float(np.mean(_cells({(name, 0): run}, name, "final", "bitmap_gain", base)))
+            results.append({"family": family, **asdict(hyper), "bitmap_gain": gain,
+                            "identity": float(np.mean([r["identity"] for r in run["final"]]))})
+            candidates.append((gain, hyper))
+        best = max(g for g, _ in candidates)
+        near = [h for g, h in candidates if g >= best - 0.01]
+        chosen[family] = asdict(min(near, key=lambda h: (h.learning_rate, h.token_learning_rate)))
+    ceiling = max((r["identity"] for r in results if r["family"] == "kv"), default=0.0)
+    record = {"rule": __doc__.split("The rule: ")[1].split(".\n- ")[0].replace("\n  ", " "),
+              "validation_concepts": list(VALIDATION), "grid": {k: list(v) for k, v in TUNE_GRID.items()},
+              "results": results, "chosen": chosen,
+              "gate": {"rule": f"all-K/V single-concept identity on the validation concepts >= {GATE}",
+                       "kv_identity": ceiling, "passed": ceiling >= GATE}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuned.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def budget_curve(settings: BenchSettings, out: Path, cache: Path, device: str = "cpu") -> dict:
+    from world.bench import benchmark_concepts
+
+    concepts = benchmark_concepts(settings)
+    ctx = context(settings, concepts, cache / ".work", device)
+    base = baseline(ctx, cache)
+    base_images = load_images(cache / "pretrained-zero-shot.png")
+    cells: dict[tuple[float, str], np.ndarray] = {}
+    for ratio, rows in itertools.product(BUDGETS, ROWS):
+        name = f"rows-{rows}-{ratio:g}"
+        method = replace(_alone("cns", rows=rows), name=name)
+        ctx.settings = replace(settings, base_ratio=ratio)
+        runs = {}
+        for seed in settings.seeds:
+            runs[(name, seed)] = cached_run(cache / name / f"seed{seed}.json", lambda: run_method(
+                method, seed, ctx, base_images, cache / name / f"seed{seed}-samples.png"))
+        cells[(ratio, rows)] = _cells(runs, name, "final", "bitmap_gain", base)
+    record = {"budgets": list(BUDGETS), "rows": list(ROWS), "concepts": [c.name for c in concepts],
+              "seeds": settings.seeds,
+              "bitmap_gain": {f"{r}@{b:g}": interval(v) for (b, r), v in cells.items()},
+              "taylor_minus": {f"{r}@{b:g}": paired(cells[(b, "taylor")], cells[(b, r)])
+                               for (b, r) in cells if r != "taylor"}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "budget.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["# Does selection matter? Row budget curve", "",
+             "Each concept alone on the pretrained model; final bitmap gain, mean [95% bootstrap interval] over "
+             f"concepts x seeds ({len(concepts)} x {len(settings.seeds)}).", "",
+             "| budget | " + " | ".join(ROWS) + " | taylor - random |", "|---" * (len(ROWS) + 2) + "|"]
+    for b in BUDGETS:
+        lines.append(f"| {b:.0%} | " + " | ".join(fmt(record["bitmap_gain"][f"{r}@{b:g}"]) for r in ROWS)
+                     + f" | {fmt(record['taylor_minus'][f'random@{b:g}'])} |")
+    (out / "budget.md").write_text("\n".join(lines) + "\n")
+    _plot(record, out / "budget.png")
+    return record
+
+
+def _plot(record: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    budgets = record["budgets"]
+    for rows in record["rows"]:
+        values = [record["bitmap_gain"][f"{rows}@{b:g}"] for b in budgets]
+        mid = [v[0] for v in values]
+        ax.errorbar([100 * b for b in budgets], mid, yerr=[[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]],
+                    marker="o", capsize=3, label=rows)
+    ax.set(xlabel="rows per layer (% of the layer)", ylabel="final bitmap gain", xscale="log")
+    ax.legend()
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
