@@ -1,6 +1,7 @@
-"""The main job on one machine (``bash scripts/demo.sh``): start the embedded stack, drop two sample
-concepts into the bucket, let the flows learn them into one model, run the nightly re-check, then
-say where everything is.
+"""The main job on one machine (``bash scripts/demo.sh``): start the embedded stack, drop three
+benchmark-world concepts into the bucket, let the flows learn them into one model on the
+pretrained world model, run the nightly re-check, draw each concept before and after, then say
+where everything is.
 
 Each run uses a new workspace (``outputs/demo/workspace``), a new bucket and a new MLflow model
 name, so it never mixes with an earlier run; the stack (``.stack/``) is reused if it is up.
@@ -19,8 +20,57 @@ import yaml
 from tasks.versioning import PROJECT_ROOT
 
 OUT = PROJECT_ROOT / "outputs" / "demo"
-SAMPLES = PROJECT_ROOT / "data" / "samples"
-CONCEPTS = ("dog", "cat2")
+WORLD = PROJECT_ROOT / "data" / "world"
+# Benchmark-world concepts (rendered by `cns world concepts`): glyphs the pretrained world model
+# has never drawn, so what the samples show after learning was learned.
+CONCEPTS = ("ringdot", "checker", "arrow")
+PROMPT = "a {token} glyph on a gray background"
+
+
+def world_settings(params: dict) -> dict:
+    """The workspace's settings for the world model: its own calibration captions, 32 px, no
+    flips (a glyph is not mirror-symmetric), the sampler the benchmark uses."""
+    from world.bench import world_calibration_prompts
+
+    params["model"].update(pretrained_model_name_or_path=str(WORLD / "model"), mixed_precision="no")
+    params["calibration"]["prompts_file"] = str(world_calibration_prompts(OUT / "calibration.txt"))
+    params["train"].update(max_train_steps=200, train_batch_size=4, learning_rate=1e-2, random_flip=False)
+    sampler = {"num_inference_steps": 20, "guidance_scale": 3.0}
+    params["evaluate"].update(prompts=[PROMPT.replace("{token} glyph", "{token} {class_noun}")], **sampler)
+    params["generate"].update(**sampler)
+    return params
+
+
+def before_and_after(model_dir, config, path) -> list[str]:
+    """One row per concept: a training photo, the base model's sample of the concept's prompt,
+    and two samples after learning (the same seeds as the base model's)."""
+    from PIL import Image, ImageDraw
+
+    from cns.cumulative import open_model
+    from cns.generate import grid, sample_pixels
+    from cns.models import load_pretrained
+
+    base = load_pretrained(config.model.pretrained_model_name_or_path)
+    learned = open_model(model_dir, config).model
+    rows, prompts = [], []
+    for k, name in enumerate(CONCEPTS):
+        token = yaml.safe_load((WORLD / "concepts" / name / "concept.yaml").read_text())["token"]
+        prompt = PROMPT.format(token=token)
+        prompts.append(prompt)
+        seeds = [100 + 10 * k, 101 + 10 * k]
+        before = sample_pixels(base, [prompt], seeds[:1], num_inference_steps=20, guidance_scale=3.0)
+        after = sample_pixels(learned, [prompt] * 2, seeds, num_inference_steps=20, guidance_scale=3.0)
+        rows.append([Image.open(WORLD / "concepts" / name / "00.png").convert("RGB"),
+                     *[Image.fromarray(a) for a in before.numpy()], *[Image.fromarray(a) for a in after.numpy()]])
+    canvas = grid(rows, cell=96)
+    labelled = Image.new("RGB", (canvas.width, canvas.height + 18), "white")
+    labelled.paste(canvas, (0, 18))
+    draw = ImageDraw.Draw(labelled)
+    for i, label in enumerate(("training photo", "base model", "learned", "learned")):
+        draw.text((96 * i + 4, 3), label, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labelled.save(path)
+    return prompts
 
 
 def say(text: str) -> None:
@@ -48,10 +98,10 @@ def main() -> int:
     ws = init_workspace(OUT / "workspace")
     params = yaml.safe_load((ws.root / "params.yaml").read_text())
     params["pipeline"]["model_name"] = f"demo-{stamp}"
-    (ws.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (ws.root / "params.yaml").write_text(yaml.safe_dump(world_settings(params), sort_keys=False))
 
     for name in CONCEPTS:
-        concept, digest = bucket.drop(client, os.environ["CNS_BUCKET"], SAMPLES / name)
+        concept, digest = bucket.drop(client, os.environ["CNS_BUCKET"], WORLD / "concepts" / name)
         print(f"dropped {name} -> s3://{os.environ['CNS_BUCKET']}/incoming/{concept}/ (hash {digest[:12]})")
 
     time.sleep(bucket.settle_seconds())  # a dataset is ready once its newest object is this old (docs/bucket.md)
@@ -63,17 +113,11 @@ def main() -> int:
     say("running the nightly flow: re-check every concept, log the forgetting report")
     report = nightly(str(ws.root))
 
-    say("samples from the final model (both concepts, alone and together)")
-    from cns.config import GenerateConfig
-    from cns.cumulative import open_model
-    from cns.generate import generate, grid, save_images
+    say("each concept before and after learning (training photo | base model | learned model)")
     from cns.info import format_table, info
 
-    cumulative = open_model(ws.model_dir, ws.config())
-    prompts = ["a photo of a <dog1> dog", "a photo of a <cat2> cat", "a <dog1> dog and a <cat2> cat on a sofa"]
-    images = generate(cumulative.model, prompts, GenerateConfig(num_images_per_prompt=2), progress=False)
-    save_images(images, prompts, OUT / "samples")
-    grid(images).save(OUT / "samples" / "grid.png")
+    prompts = before_and_after(ws.model_dir, ws.config(), OUT / "samples" / "grid.png")
+    print("\n".join(f"row {k + 1}: {p}" for k, p in enumerate(prompts)))
     print(format_table(*info(ws.model_dir)))
 
     from mlflow import MlflowClient
