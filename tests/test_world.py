@@ -241,6 +241,7 @@ def test_a_caption_for_a_missing_image_is_an_error_naming_the_manifest(tmp_path)
     assert "concept.yaml" in str(err.value) and "04.png" in str(err.value)
 
 
+@pytest.mark.timeout(1500)
 def test_smoke_benchmark_writes_the_table_and_plots(tmp_path):
     """`cns bench world --smoke`: 2 concepts, few steps, one seed, the full set of outputs, and a
     second run that finds every method in its cache."""
