@@ -47,8 +47,8 @@ class ScoringConfig:
     base_ratio: float = 0.06
     # (image, timestep, noise) draws; |.| is taken per batch of score_batch_size draws and averaged
     # over batches. More draws give a steadier ranking; each batch costs one forward+backward.
-    # 16 draws agreed on only 59-77% of the top rows between two seeds in the benchmark world;
-    # 64 cost as much as ~64 training steps at batch 1.
+    # Top-6% rows agreeing between two scoring seeds (first world model, bowtie / plusdot):
+    # 50% / 48% with 16 draws, 79% / 79% with 64. 64 cost as much as ~64 training steps at batch 1.
     num_score_samples: int = 64
     score_batch_size: int = 4
 
