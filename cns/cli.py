@@ -1,4 +1,4 @@
-"""The library's commands: learn, generate, export, info, calibrate.
+"""The library's commands: learn, forget, generate, export, info, calibrate, evaluate.
 
 ``flows/cli.py`` adds them to the ``cns`` command next to the pipeline's commands. Each command
 loads the one config (``--params``, default params.yaml, plus ``--set key=value``), validates its
@@ -35,6 +35,19 @@ def cmd_learn(args: argparse.Namespace) -> int:
           f"{s['neurons_total']} neurons, {s['weights_changed']:,} weights ({s['percent_unet_weights']:.4f}% of the "
           f"UNet), loss {result.losses[0] if result.losses else float('nan'):.4f} -> "
           f"{result.losses[-1] if result.losses else float('nan'):.4f} in {result.seconds:.1f}s")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from cns.forget import forget
+
+    config = _config(args)
+    removal = forget(_model_dir(args, config), args.name)
+    rows = removal["record"]["stats"].get("neurons_total", "?")
+    print(f"removed '{removal['name']}' ({removal['token']}) as model v{removal['version']} in "
+          f"{_model_dir(args, config)}: its {rows} rows are back at their values before it, its token is gone"
+          + (f"; {removal['rows_kept_by_later_concepts']} of its rows keep a later concept's values"
+             if removal["rows_kept_by_later_concepts"] else ""))
     return 0
 
 
@@ -122,6 +135,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("learn", parents=[common], help="learn a concept directory into the model")
     p.add_argument("concept_dir", help="directory with images and concept.yaml")
     p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("forget", parents=[common], help="write a version without a learned concept (no training)")
+    p.add_argument("name", help="the concept's name (cns info lists them)")
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("generate", parents=[common], help="generate PNG images from prompts")
     p.add_argument("prompts", nargs="+", help="prompts; may hold several learned tokens")

@@ -17,7 +17,9 @@ from typing import Any
 from cns.concept import Concept, ConceptError
 
 LINEAGE = "lineage.json"
-FORMAT_VERSION = 1
+# 1: concepts only; 2: also "removals" (cns.forget). A lineage without removals is still written
+# as format 1, byte for byte as before.
+FORMATS = (1, 2)
 
 
 @dataclass
@@ -37,26 +39,40 @@ class ConceptRecord:
 @dataclass
 class Lineage:
     base: dict[str, Any]
+    # The concepts the model holds, in the order their deltas apply.
     concepts: list[ConceptRecord] = field(default_factory=list)
+    # Concepts taken out again (cns.forget): {"version", "name", "token", "removed_at", "record",
+    # "later_concepts", "rows_kept_by_later_concepts"}. Their files stay; their deltas no longer apply.
+    removals: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def version(self) -> int:
-        return len(self.concepts)
+        """Every learn and every removal is a version: the newest one's number."""
+        return max([c.version for c in self.concepts] + [r["version"] for r in self.removals] + [0])
+
+    @property
+    def removed(self) -> list[ConceptRecord]:
+        return [ConceptRecord(**r["record"]) for r in self.removals]
 
     @property
     def dataset_hashes(self) -> set[str]:
-        return {c.dataset_hash for c in self.concepts}
+        """Every dataset ever learned, removed ones too: dropping it again does not bring it back."""
+        return {c.dataset_hash for c in [*self.concepts, *self.removed]}
 
     def find(self, name: str) -> ConceptRecord | None:
         return next((c for c in self.concepts if c.name == name), None)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "version": self.version, "base": self.base,
+        data = {"format": 2 if self.removals else 1, "version": self.version, "base": self.base,
                 "concepts": [vars(c) for c in self.concepts]}
+        if self.removals:
+            data["removals"] = self.removals
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Lineage":
-        return cls(base=data["base"], concepts=[ConceptRecord(**c) for c in data.get("concepts", [])])
+        return cls(base=data["base"], concepts=[ConceptRecord(**c) for c in data.get("concepts", [])],
+                   removals=list(data.get("removals", [])))
 
 
 def read_lineage(model_dir: str | Path) -> Lineage | None:
@@ -66,8 +82,8 @@ def read_lineage(model_dir: str | Path) -> Lineage | None:
         return None
     try:
         data = json.loads(path.read_text())
-        if data.get("format") != FORMAT_VERSION:
-            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT_VERSION}")
+        if data.get("format") not in FORMATS:
+            raise ValueError(f"format {data.get('format')!r}, expected one of {FORMATS}")
         return Lineage.from_json(data)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConceptError(path, f"not a valid lineage ({exc})", "lineage_invalid") from None
@@ -94,6 +110,10 @@ def check_against_lineage(concept: Concept, lineage: Lineage | None, source: str
     """A concept may not reuse an earlier concept's name or token."""
     if lineage is None:
         return
+    for record in lineage.removed:  # its files stay under concepts/<name>/ for the versions that hold it
+        if concept.name == record.name or concept.token == record.token:
+            raise ConceptError(source, f"'{record.name}' ({record.token}) was learned in model v{record.version} and "
+                                       "removed later; pick a new name and token", "name_taken")
     for record in lineage.concepts:
         if record.token == concept.token:
             raise ConceptError(source, f"token {concept.token} is already used by concept '{record.name}' "
