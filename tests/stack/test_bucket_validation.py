@@ -187,7 +187,6 @@ def test_dataset_changed_while_being_read_is_read_again_later(running_stack, tmp
     upload_raw(s3, name, directory, concept_name)
     (listed,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
     # another upload replaces an image after the listing the validation works from
-    original = (directory / "01.png").read_bytes()
     write_png(directory / "01.png", seed=77)
     s3.upload_file(str(directory / "01.png"), name, f"incoming/{concept_name}/01.png")
     record = changed_and_check(s3, name, listed, model_dir)
