@@ -16,6 +16,30 @@ def _print(result) -> None:
     print(json.dumps(result, indent=2, default=str))
 
 
+def _report(config, outcomes: list[dict], as_json: bool, nightly: dict | None = None) -> None:
+    """One line per dataset (learned ones with the link to their MLflow run), then the link to
+    the experiment's runs; ``--json`` prints the flow's result instead."""
+    if as_json:
+        _print(outcomes if nightly is None else nightly)
+        return
+    from tasks import tracking
+
+    experiment = tracking.experiment_id(config.pipeline.model_name)
+    for o in outcomes:
+        if o.get("run_id"):
+            where = tracking.run_url(experiment, o["run_id"]) or f"MLflow run {o['run_id']}"
+            print(f"learned   {o['concept']} as model v{o['version']} ({o['tag']}): {where}")
+        else:
+            print(f"{o['outcome']:9} {o['concept']}" + (f" ({o['code']})" if o.get("code") else ""))
+    if not outcomes:
+        print("no pending dataset")
+    if nightly is not None:
+        where = tracking.run_url(experiment, nightly["run_id"]) or f"MLflow run {nightly['run_id']}"
+        print(f"nightly   model v{nightly['version']}, {len(nightly['concepts'])} concept(s) checked: {where}")
+    if tracking.ui_url():
+        print(f"runs:     {tracking.runs_url(experiment)}")
+
+
 def cmd_init(args) -> int:
     from tasks.versioning import init_workspace
 
@@ -28,21 +52,29 @@ def cmd_init(args) -> int:
 def cmd_run_once(args) -> int:
     from flows.pipeline import watch
 
-    _print(watch(str(_workspace(args).root)))
+    ws = _workspace(args)
+    _report(ws.config(), watch(str(ws.root)), args.json)
     return 0
 
 
 def cmd_personalize(args) -> int:
     from flows.pipeline import personalize
 
-    _print(personalize(args.concept, str(_workspace(args).root)))
+    ws = _workspace(args)
+    result = personalize(args.concept, str(ws.root))
+    if args.json:
+        _print(result)
+    else:
+        _report(ws.config(), [result], False)
     return 0
 
 
 def cmd_nightly(args) -> int:
     from flows.pipeline import nightly
 
-    _print(nightly(str(_workspace(args).root)))
+    ws = _workspace(args)
+    report = nightly(str(ws.root))
+    _report(ws.config(), report["learned"], args.json, nightly=report)
     return 0
 
 
@@ -60,19 +92,24 @@ def cmd_serve(args) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--workspace", help="the DVC workspace (default: $CNS_WORKSPACE or the current directory)")
+    results = argparse.ArgumentParser(add_help=False)
+    results.add_argument("--json", action="store_true", help="print the flow's result as JSON")
 
     p = sub.add_parser("init", help="create a workspace: git + DVC with an S3 remote in the bucket")
     p.add_argument("directory")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("run-once", parents=[common], help="one watch pass in this process: learn every pending dataset")
+    p = sub.add_parser("run-once", parents=[common, results],
+                       help="one watch pass in this process: learn every pending dataset")
     p.set_defaults(func=cmd_run_once)
 
-    p = sub.add_parser("personalize", parents=[common], help="learn one dataset of the bucket (incoming/CONCEPT/)")
+    p = sub.add_parser("personalize", parents=[common, results],
+                       help="learn one dataset of the bucket (incoming/CONCEPT/)")
     p.add_argument("concept")
     p.set_defaults(func=cmd_personalize)
 
-    p = sub.add_parser("nightly", parents=[common], help="run the nightly flow now: watch, then re-check every concept")
+    p = sub.add_parser("nightly", parents=[common, results],
+                       help="run the nightly flow now: watch, then re-check every concept")
     p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("serve", parents=[common], help="serve watch, nightly and personalize to the Prefect server")

@@ -274,10 +274,12 @@ def version_metrics(record: ConceptRecord, prepared: steps.PreparedConcept, resu
 @task(name="start-run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def start_run(config: Config, concept: Concept, dataset: bucket.Dataset, version: int) -> str:
     """The concept's MLflow run (state ``running`` until its version is registered)."""
+    prompts = concept.training_prompts(config.train.prompt_template)
     return tracking.start_concept_run(
         config, concept=concept.name, token=concept.token, class_noun=concept.class_noun,
         dataset_hash=dataset.hash, dataset_uri=f"s3://{s3.bucket_name()}/incoming/{dataset.concept}/",
-        version=version, base=config.model.pretrained_model_name_or_path)
+        version=version, base=config.model.pretrained_model_name_or_path,
+        images={p.name: concept.captions.get(p.name) or " | ".join(prompts) for p in concept.image_paths})
 
 
 def review_artifacts(out: Path, evaluation: ModelEvaluation, metrics_dir: Path, config: Config,
@@ -325,6 +327,8 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
         (out / "delta").mkdir()
         shutil.copy(concept_dir / "delta.safetensors", out / "delta" / "delta.safetensors")
         review_artifacts(out, evaluation, ws.metrics_dir, config)
+        tracking.log_sample_images(run_id, {name: out / "samples" / f"{name}.png" for name in evaluation.samples},
+                                   record.version)
         (out / "plots").mkdir()
         plots.loss_curve(result.losses, out / "plots" / "loss.png", title=f"training loss: {record.name}")
         (out / "model").mkdir()
@@ -354,6 +358,8 @@ def log_nightly(ws: Workspace, config: Config, evaluation: ModelEvaluation) -> d
             shutil.copy(ws.metrics_dir / "forgetting.csv", metrics / "forgetting.csv")
         write_metrics(evaluation, metrics)
         review_artifacts(out, evaluation, metrics, config, title=f"output change since learned ({day})")
+        tracking.log_sample_images(run_id, {name: out / "samples" / f"{name}.png" for name in evaluation.samples},
+                                   evaluation.version)
         tracking.log_artifacts(run_id, {p.name: p for p in out.iterdir()})
     tracking.finish_report_run(run_id)
     return {"run_id": run_id, "version": evaluation.version, "concepts": list(evaluation.metrics)}

@@ -4,6 +4,12 @@ version per model version (tracking URI and credentials from the environment).
 A run is tagged ``cns.state``: ``running`` while its concept is learned, ``complete`` once its
 model version is committed and registered, ``rolled_back`` when a crash threw its version away,
 ``rejected`` when the dataset failed for a reason of its own after the run started.
+
+What a reviewer opens: the experiment (kind ``custom_model_development``, so MLflow 3 shows its
+training runs, not the GenAI overview), each run's dataset in the runs table's Dataset column
+(an MLflow dataset input: S3 source, content hash as digest, one row per image), and every
+concept's samples as images keyed ``samples/<concept>`` with the model version as the step, so
+the image view compares a concept's samples across versions.
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ log = logging.getLogger(__name__)
 
 STATE = "cns.state"
 VERSION = "cns.model_version"
+# MLflow 3 opens an experiment of unknown kind as a GenAI one (traces, the Overview tab); the UI
+# sets this tag itself when a user picks "Machine learning" for an experiment.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# The UI's workflow type comes from the link (or the browser's last choice), and it decides which
+# tabs an experiment has, so links to the runs table say it.
+RUNS_VIEW = "?workflowType=machine_learning"
+DIGEST_LENGTH = 16  # MLflow keeps at most 36 characters of a dataset digest; `cns datasets` shows 16
 
 
 def _client():
@@ -41,9 +54,35 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def experiment_id(name: str) -> str:
+    """The lineage's experiment, created (or, made before kinds existed, tagged) as a training one."""
     client = _client()
+    key, kind = EXPERIMENT_KIND
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={key: kind})
+    if experiment.tags.get(key) != kind:
+        client.set_experiment_tag(experiment.experiment_id, key, kind)
+    return experiment.experiment_id
+
+
+def ui_url() -> str | None:
+    """The MLflow UI of the tracking server (None for a local file or database store)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
+def runs_url(experiment: str) -> str | None:
+    """A link to the experiment's runs table."""
+    base = ui_url()
+    return f"{base}/#/experiments/{experiment}/runs{RUNS_VIEW}" if base else None
+
+
+def run_url(experiment: str, run_id: str) -> str | None:
+    """A link to one run."""
+    base = ui_url()
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}" if base else None
 
 
 def code_commit() -> str:
@@ -67,7 +106,8 @@ def prefect_tags() -> dict[str, str]:
 
 
 def start_concept_run(config: Config, *, concept: str, token: str, class_noun: str, dataset_hash: str,
-                      dataset_uri: str, version: int, base: str) -> str:
+                      dataset_uri: str, version: int, base: str, images: dict[str, str]) -> str:
+    """The concept's run: params, tags and its dataset input (``images``: file name -> caption)."""
     client = _client()
     tags = {STATE: "running", VERSION: str(version), "cns.concept": concept, "cns.dataset_hash": dataset_hash,
             "git.commit": code_commit(), "mlflow.runName": f"v{version} {concept}", **prefect_tags()}
@@ -82,7 +122,39 @@ def start_concept_run(config: Config, *, concept: str, token: str, class_noun: s
     items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i:i + 100])
+    log_dataset(run.info.run_id, concept=concept, token=token, class_noun=class_noun, dataset_hash=dataset_hash,
+                dataset_uri=dataset_uri, images=images)
     return run.info.run_id
+
+
+def log_dataset(run_id: str, *, concept: str, token: str, class_noun: str, dataset_hash: str, dataset_uri: str,
+                images: dict[str, str]) -> None:
+    """The concept's dataset as the run's training input: one row per image (file name and the
+    caption it trains with), its S3 prefix as source, its content hash as digest, and the token,
+    class noun, image count and full hash as input tags."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    frame = pd.DataFrame({"image": list(images), "caption": list(images.values())})
+    dataset = mlflow.data.from_pandas(frame, source=dataset_uri, name=concept, digest=dataset_hash[:DIGEST_LENGTH])
+    tags = {MLFLOW_DATASET_CONTEXT: "training", "cns.token": token, "cns.class_noun": class_noun,
+            "cns.images": str(len(images)), "cns.dataset_hash": dataset_hash}
+    # MlflowClient has no Dataset overload: the entity is what its log_inputs takes.
+    entry = DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])
+    _client().log_inputs(run_id, datasets=[entry])
+
+
+def log_sample_images(run_id: str, grids: dict[str, Path], version: int) -> None:
+    """Each concept's sample grid as an MLflow image ``samples/<concept>`` at step ``version``,
+    so the run's image view shows it and compares it across runs."""
+    from PIL import Image
+
+    client = _client()
+    for concept, path in grids.items():
+        with Image.open(path) as image:
+            client.log_image(run_id, image.convert("RGB"), key=f"samples/{concept}", step=version, synchronous=True)
 
 
 def _log_batch(run_id: str, points: list[tuple[str, float, int]]) -> None:
