@@ -66,6 +66,17 @@ def _runs(model_name: str) -> dict:
             for r in client.search_runs([experiment.experiment_id], "tags.`cns.state` = 'complete'")}
 
 
+def test_run_once_over_three_datasets_prints_a_few_lines_and_no_http_requests(reviewed):
+    _, _, _, result = reviewed
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result.stdout
+    assert len(lines) <= 40, result.stdout
+    assert not [line for line in lines if "httpx" in line or "HTTP Request" in line], result.stdout
+    assert not [line for line in lines if "View run" in line or "View experiment" in line], result.stdout
+    for concept in CONCEPTS:
+        assert any(concept in line and "learned" in line for line in lines), result.stdout
+
+
 def test_run_once_prints_a_link_to_each_learned_run(reviewed):
     _, name, _, result = reviewed
     experiment = _client().get_experiment_by_name(name).experiment_id
@@ -114,3 +125,10 @@ def test_each_concept_run_logs_every_concepts_samples_as_images_by_version(revie
             assert any(f.startswith(f"images/samples~{earlier}+step+{version}+") and f.endswith(".png")
                        for f in files), files
         assert len([f for f in files if f.endswith(".png")]) == len(learned)
+
+
+def test_verbose_run_once_shows_the_libraries_logs(reviewed):
+    ws, name, _, _ = reviewed
+    result = cns("-v", "run-once", "--workspace", str(ws.root), env=dict(os.environ, CNS_BUCKET=name))
+    assert result.returncode == 0, result.stdout
+    assert "HTTP Request" in result.stdout
