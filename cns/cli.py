@@ -54,6 +54,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from cns.cumulative import open_model
     from cns.generate import generate, grid, save_images
+    from cns.regions import parse_region
 
     config = _config(args)
     gen = config.generate
@@ -63,8 +64,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         gen.num_inference_steps = args.steps
     if args.seed is not None:
         gen.seed = args.seed
+    regions = [parse_region(text) for text in args.region]
     cumulative = open_model(_model_dir(args, config), config)
-    images = generate(cumulative.model, args.prompts, gen, progress=not args.quiet)
+    images = generate(cumulative.model, args.prompts, gen, progress=not args.quiet, regions=regions)
     paths = save_images(images, args.prompts, args.out)
     grid(images).save(Path(args.out) / "grid.png")
     print(f"wrote {len(paths)} images and grid.png to {args.out}")
@@ -146,6 +148,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, help="images per prompt")
     p.add_argument("--steps", type=int, help="sampling steps")
     p.add_argument("--seed", type=int)
+    p.add_argument("--region", action="append", default=[], metavar="BOX=PROMPT",
+                   help="a regional prompt read only inside BOX (left, right, top, bottom, full or x0,y0,x1,y1 "
+                        "in 0..1), e.g. --region 'left=a <dog1> dog on a sofa'; repeat per concept")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", parents=[common], help="write a merged diffusers pipeline directory")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from cns.config import GenerateConfig
 from cns.errors import CNSError
 from cns.models import DiffusionModel, to_pipeline
+from cns.regions import Box, RegionalStates, region_control
 
 log = logging.getLogger(__name__)
 
@@ -26,36 +27,49 @@ def unknown_tokens(model: DiffusionModel, prompt: str) -> list[str]:
     return [t for t in re.findall(r"<[A-Za-z0-9_-]{1,32}>", prompt) if t not in vocab]
 
 
+def regional_states(model: DiffusionModel, regions: list[tuple[Box, str]] | None, batch: int) -> RegionalStates | None:
+    """The regional prompts' text states, repeated for a conditional batch of ``batch`` images."""
+    if not regions:
+        return None
+    from cns.diffusion import encode_prompts, tokenize
+
+    states = encode_prompts(model, tokenize(model, [prompt for _, prompt in regions]))
+    return RegionalStates(boxes=[box for box, _ in regions], states=states[:, None].expand(-1, batch, -1, -1))
+
+
 def generate(model: DiffusionModel, prompts: list[str], config: GenerateConfig, *, resolution: int | None = None,
-             progress: bool = True) -> list[list[Image.Image]]:
-    """``num_images_per_prompt`` images per prompt, seeded per prompt (seed + prompt index)."""
-    for prompt in prompts:
+             progress: bool = True, regions: list[tuple[Box, str]] | None = None) -> list[list[Image.Image]]:
+    """``num_images_per_prompt`` images per prompt, seeded per prompt (seed + prompt index).
+    ``regions``: (box, prompt) pairs, each prompt read only inside its box (cns.regions)."""
+    for prompt in [*prompts, *(p for _, p in regions or [])]:
         missing = unknown_tokens(model, prompt)
         if missing:
             raise CNSError("prompt", f"{prompt!r} uses {', '.join(missing)}, which this model has not learned",
                            "token_unknown")
     if model.pixel_space:
-        return _generate_pixels(model, prompts, config, resolution=resolution, progress=progress)
+        return _generate_pixels(model, prompts, config, resolution=resolution, progress=progress, regions=regions)
     pipeline = to_pipeline(model)
     pipeline.set_progress_bar_config(disable=not progress, leave=False)
     size = resolution or model.native_resolution
     out = []
-    for i, prompt in enumerate(prompts):
-        generator = torch.Generator(device="cpu").manual_seed(config.seed + i)
-        result = pipeline(prompt, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                          num_images_per_prompt=config.num_images_per_prompt, generator=generator,
-                          height=size, width=size)
-        out.append(result.images)
+    with region_control(model.unet, regional_states(model, regions, config.num_images_per_prompt)):
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator(device="cpu").manual_seed(config.seed + i)
+            result = pipeline(prompt, num_inference_steps=config.num_inference_steps,
+                              guidance_scale=config.guidance_scale, num_images_per_prompt=config.num_images_per_prompt,
+                              generator=generator, height=size, width=size)
+            out.append(result.images)
     return out
 
 
 @torch.no_grad()
 def sample_pixels(model: DiffusionModel, prompts: list[str], seeds: list[int], *, num_inference_steps: int,
                   guidance_scale: float, resolution: int | None = None, batch_size: int = 256,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, regions: list[tuple[Box, str]] | None = None) -> torch.Tensor:
     """Batched DDIM with classifier-free guidance for a pixel-space model: one image per
     (prompt, seed), its start noise from a CPU generator seeded ``seed`` (so an image does not
-    depend on the batch it was drawn in). Returns uint8 (n, H, W, 3)."""
+    depend on the batch it was drawn in). ``regions`` as in :func:`generate`, for every image.
+    Returns uint8 (n, H, W, 3)."""
     from diffusers import DDIMScheduler
 
     from cns.diffusion import encode_prompts, tokenize
@@ -76,22 +90,24 @@ def sample_pixels(model: DiffusionModel, prompts: list[str], seeds: list[int], *
         states = torch.cat([uncond.expand(len(cond), -1, -1), cond])
         x = torch.stack([torch.randn((channels, size, size), generator=torch.Generator().manual_seed(s))
                          for s in batch_seeds]).to(device)
-        for t in scheduler.timesteps:
-            both = model.unet(torch.cat([x, x]), t.to(device), states).sample
-            eps_u, eps_c = both.chunk(2)
-            x = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x).prev_sample
+        with region_control(model.unet, regional_states(model, regions, len(cond))):
+            for t in scheduler.timesteps:
+                both = model.unet(torch.cat([x, x]), t.to(device), states).sample
+                eps_u, eps_c = both.chunk(2)
+                x = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x).prev_sample
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
     return torch.cat(out)
 
 
 def _generate_pixels(model: DiffusionModel, prompts: list[str], config: GenerateConfig, *, resolution: int | None,
-                     progress: bool) -> list[list[Image.Image]]:
+                     progress: bool, regions: list[tuple[Box, str]] | None = None) -> list[list[Image.Image]]:
     n = config.num_images_per_prompt
     flat = [p for p in prompts for _ in range(n)]
     # Per prompt i and image j: seed (config.seed + i) * 1000 + j, the same image in any batch.
     seeds = [(config.seed + i) * 1000 + j for i in range(len(prompts)) for j in range(n)]
     images = sample_pixels(model, flat, seeds, num_inference_steps=config.num_inference_steps,
-                           guidance_scale=config.guidance_scale, resolution=resolution, progress=progress)
+                           guidance_scale=config.guidance_scale, resolution=resolution, progress=progress,
+                           regions=regions)
     pil = [Image.fromarray(a.numpy()) for a in images]
     return [pil[i * n:(i + 1) * n] for i in range(len(prompts))]
 
