@@ -138,6 +138,10 @@ class EvaluateConfig:
     holdout_images: int = 1
     # (image, timestep, noise) draws for the held-out loss; fixed seeds, never used in training.
     loss_draws: int = 16
+    # Each new version re-checks its own concept and this many earlier ones, rotating, so a
+    # version's cost does not grow with the number of concepts (cns.report.recheck_sample); the
+    # nightly run re-checks every concept. -1: every concept at every version.
+    recheck_per_version: int = 2
 
 
 @dataclass

@@ -54,13 +54,30 @@ def dataset_images(directory: Path | None, config: Config) -> tuple[list[Image.I
     return concept.load_images(train), concept.load_images(held)
 
 
+def recheck_sample(names: list[str], version: int, earlier: int) -> list[str]:
+    """What a new version re-checks so its cost stays constant however many concepts came before:
+    the newest concept and ``earlier`` of the others, rotating with the version number, so each
+    earlier concept is re-checked at least every ceil(others / earlier) versions (the nightly run
+    checks them all). ``earlier < 0`` means every concept."""
+    *others, newest = names or [None]
+    if newest is None:
+        return []
+    if earlier < 0 or earlier >= len(others):
+        return list(names)
+    start = (version * earlier) % len(others)
+    picked = {others[(start + j) % len(others)] for j in range(earlier)}
+    return [n for n in others if n in picked] + [newest]
+
+
 def evaluate_model(cumulative: CumulativeModel, config: Config, judges: Judges, datasets_dir: Path | None,
-                   progress: bool = False) -> ModelEvaluation:
-    """Every metric for every concept of the model, at its current version."""
+                   progress: bool = False, concepts: list[str] | None = None) -> ModelEvaluation:
+    """Every metric for every concept of the model (or only ``concepts``), at its current version."""
     resolution = config.train.resolution or cumulative.model.native_resolution
     settings = sampling_settings(config.evaluate, resolution)
     evaluation = ModelEvaluation(version=cumulative.lineage.version, metrics={})
     for record in cumulative.lineage.concepts:
+        if concepts is not None and record.name not in concepts:
+            continue
         ref_path = cumulative.model_dir / "concepts" / record.name / REFERENCE
         reference = load_reference(ref_path, settings) if ref_path.exists() else None
         if reference is None:

@@ -99,6 +99,6 @@ def nightly(workspace: str | None = None) -> dict:
     config = ws.config()
     with t.lineage_lock(ws, config):
         model = t.load_model(ws, config)
-        evaluation = t.evaluate(ws, model, config, write=False)
+        evaluation = t.evaluate(ws, model, config, write=False, every_concept=True)
     report = t.log_nightly(ws, config, evaluation)
     return {"learned": learned, **report}

@@ -241,9 +241,17 @@ def write_version(model: CumulativeModel, prepared: steps.PreparedConcept, selec
 
 
 @step_task(name="evaluate-model")
-def evaluate(ws: Workspace, model: CumulativeModel, config: Config, write: bool = True) -> ModelEvaluation:
-    """Every concept's metrics at this version; written to ``metrics/`` when ``write``."""
-    evaluation = evaluate_model(model, config, load_judges(config.evaluate, model.model.device), ws.concepts_dir)
+def evaluate(ws: Workspace, model: CumulativeModel, config: Config, write: bool = True,
+             every_concept: bool = False) -> ModelEvaluation:
+    """The metrics at this version of the newest concept and a rotating few earlier ones
+    (``evaluate.recheck_per_version``), or of ``every_concept``; written to ``metrics/`` when ``write``."""
+    from cns.report import recheck_sample
+
+    names = [c.name for c in model.lineage.concepts]
+    chosen = None if every_concept else recheck_sample(names, model.lineage.version,
+                                                       config.evaluate.recheck_per_version)
+    evaluation = evaluate_model(model, config, load_judges(config.evaluate, model.model.device), ws.concepts_dir,
+                                concepts=chosen)
     if write:
         write_metrics(evaluation, ws.metrics_dir)
     return evaluation
