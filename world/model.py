@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cns.diffusion import encode_prompts, tokenize
+from cns.diffusion import diffusion_loss, encode_prompts, tokenize
 from cns.models import DiffusionModel, clip_tokenizer, save_pixel_model
 from cns.errors import CNSError
 from world.scene import SIZE, WorldConcept, load_concepts, random_base_scene, render
@@ -196,7 +195,6 @@ def pretrain(checkpoint_dir: str | Path, config: PretrainConfig, *, device: str 
     holdout = load_concepts()
     rng = np.random.default_rng([config.seed, start_step])
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start_step)
-    noise_scheduler = model.noise_scheduler
     machine = f"{platform.machine()} {torch.get_num_threads()} threads" if device == "cpu" else \
         (torch.cuda.get_device_name() if torch.cuda.is_available() else device)
     part = {"from_step": start_step, "device": device, "machine": machine, "torch": torch.__version__}
@@ -217,13 +215,9 @@ def pretrain(checkpoint_dir: str | Path, config: PretrainConfig, *, device: str 
     step = start_step
     for step in bar:
         pixels, captions = scene_batch(rng, config.batch_size, config, holdout)
-        pixels = pixels.to(device)
-        noise = torch.randn(pixels.shape, generator=generator).to(device)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(pixels),), generator=generator).to(device)
-        noisy = noise_scheduler.add_noise(pixels, noise, t)
-        states = encode_prompts(model, tokenize(model, captions))
-        prediction = model.unet(noisy, t, states).sample
-        loss = F.mse_loss(prediction, noise_scheduler.get_velocity(pixels, noise, t))
+        # cns's own loss (noise, then timesteps, from the generator; v target): the same objective
+        # the concepts are later learned with.
+        loss = diffusion_loss(model, pixels, encode_prompts(model, tokenize(model, captions)), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)

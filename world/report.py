@@ -216,7 +216,6 @@ def samples_picture(methods: list[str], concepts, dirs: list[Path], cache: Path,
 
 def plot_summary(record: dict, path: Path) -> None:
     """Final bitmap gain and forgetting per method, with their intervals."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     summary = record["summary"]
@@ -233,5 +232,13 @@ def plot_summary(record: dict, path: Path) -> None:
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"Benchmark world ({record['date']}), 95% bootstrap intervals over concepts x seeds")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib Figure to a PNG on the Agg canvas (no pyplot, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path

@@ -22,7 +22,7 @@ import numpy as np
 
 from world.bench import (DEFAULT_HYPER, METHODS, TUNE_GRID, VALIDATION, BenchSettings, Hyper, cached_run, context,
                          load_images, baseline, run_method)
-from world.report import _cells, fmt, interval, paired
+from world.report import _cells, fmt, interval, paired, save_figure
 from world.scene import load_concepts
 
 FAMILY_METHOD = {"cns": "cns", "token": "token_only", "kv": "single_kv", "lora": "lora_seq"}
@@ -104,7 +104,6 @@ def budget_curve(settings: BenchSettings, out: Path, cache: Path, device: str = 
 
 
 def _plot(record: dict, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4))
@@ -117,5 +116,4 @@ def _plot(record: dict, path: Path) -> None:
                     marker="o", capsize=3, label=rows)
     ax.set(xlabel="rows per layer (% of the layer)", ylabel="final bitmap gain", xscale="log")
     ax.legend()
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    save_figure(fig, path)
