@@ -126,7 +126,9 @@ def main() -> int:
     say(f"done in {time.perf_counter() - start:.0f} s")
     print(f"model versions:  {' '.join(git(ws, 'tag', '--list', 'model-v*').split())} "
           f"(git -C {ws.root} log --oneline; restore: git checkout model-vN && dvc pull)")
-    print(f"MLflow:          {config.mlflow_url}/#/experiments/{experiment.experiment_id} "
+    from tasks.tracking import runs_url
+
+    print(f"MLflow:          {runs_url(experiment.experiment_id)} "
           f"(runs, neurons, samples, forgetting; nightly run {report['run_id'][:8]}), "
           f"registry: {config.mlflow_url}/#/models/{params['pipeline']['model_name']}")
     print(f"Prefect:         {config.prefect_api_url.removesuffix('/api')} (flow runs watch and nightly)")
