@@ -28,7 +28,8 @@ def _report(config, outcomes: list[dict], as_json: bool, nightly: dict | None = 
     for o in outcomes:
         if o.get("run_id"):
             where = tracking.run_url(experiment, o["run_id"]) or f"MLflow run {o['run_id']}"
-            print(f"learned   {o['concept']} as model v{o['version']} ({o['tag']}): {where}")
+            verb = "forgot" if o["outcome"] == "forgotten" else "learned"
+            print(f"{verb:9} {o['concept']} as model v{o['version']} ({o['tag']}): {where}")
         else:
             print(f"{o['outcome']:9} {o['concept']}" + (f" ({o['code']})" if o.get("code") else ""))
     if not outcomes:
@@ -114,3 +115,41 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", parents=[common], help="serve watch, nightly and personalize to the Prefect server")
     p.set_defaults(func=cmd_serve)
+    add_forget_command(sub, common, results)
+
+
+def cmd_forget_version(args) -> int:
+    """The forget flow: one line for the new version and its MLflow run; an unknown concept is a
+    one-line error (exit 2) and nothing changes."""
+    import sys
+
+    from flows.pipeline import forget, unknown_concept
+
+    ws = _workspace(args)
+    # Checked before the flow starts too (no flow run, no log lines); the flow checks again under the lock.
+    message = unknown_concept(ws, args.concept)
+    result = forget(args.concept, str(ws.root)) if message is None else {"outcome": "absent", "message": message}
+    if result["outcome"] != "forgotten":
+        print(f"cns: error: {result['message']}", file=sys.stderr)
+        return 2
+    if args.json:
+        _print(result)
+        return 0
+    from tasks import tracking
+
+    config = ws.config()
+    experiment = tracking.experiment_id(config.pipeline.model_name)
+    where = tracking.run_url(experiment, result["run_id"]) or f"MLflow run {result['run_id']}"
+    print(f"forgot    {result['concept']} ({result['token']}) as model v{result['version']} ({result['tag']}): {where}")
+    if tracking.ui_url():
+        print(f"runs:     {tracking.runs_url(experiment)}")
+    return 0
+
+
+def add_forget_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
+                       results: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("forget-version", parents=[common, results],
+                       help="remove a learned concept through the pipeline: a new version, MLflow run and "
+                            "registry version (the library's `cns forget` only writes the model directory)")
+    p.add_argument("concept")
+    p.set_defaults(func=cmd_forget_version)

@@ -1,11 +1,15 @@
 """The pipeline's flows: the bucket is watched, each ready dataset is learned once into the
 cumulative model, and every night every concept so far is checked again.
 
-    watch        ready datasets in the bucket, oldest first -> personalize each
+    watch        ready datasets in the bucket, oldest first -> personalize each; then each
+                 removal request forget/<concept> -> forget
     personalize  recover -> fetch + validate -> prepare (+ general neurons) -> score + select
                  -> finetune -> write version -> evaluate -> log to MLflow -> dvc push + git tag
                  -> register
     nightly      watch, then evaluate every concept and log the forgetting report
+    forget       recover -> remove one concept (cns.forget, no training) -> evaluate -> log to
+                 MLflow (cns.kind=forget) -> dvc push + git commit "model vN: forget <concept>"
+                 + tag -> register
 
 Every setting comes from the workspace's ``params.yaml`` (committed with each version), never from
 flow parameters: a model version and its recorded parameters cannot disagree.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from cns.lineage import read_lineage
 from tasks import learning as t
 from tasks.versioning import Workspace, open_workspace
 
@@ -77,7 +82,8 @@ def _learn(ws: Workspace, config, dataset) -> dict:
 
 @flow(name="watch")
 def watch(workspace: str | None = None) -> list[dict]:
-    """One pass over the bucket: learn every pending dataset, oldest manifest first."""
+    """One pass over the bucket: learn every pending dataset, oldest manifest first, then handle
+    every removal request (``forget/<concept>``), oldest first."""
     ws = open_workspace(workspace)
     config = ws.config()
     outcomes = []
@@ -87,6 +93,16 @@ def watch(workspace: str | None = None) -> list[dict]:
         get_run_logger().info("%d pending dataset(s): %s", len(pending), ", ".join(d.concept for d in pending))
         for dataset in pending:
             outcomes.append(_learn(ws, config, dataset))
+        # Removal requests come after the learns: a concept dropped and then asked to be removed
+        # in the same pass is learned, then removed. The request is deleted once handled.
+        for concept, key in t.find_removal_requests():
+            message = unknown_concept(ws, concept)
+            if message is None:
+                outcomes.append(_forget(ws, config, concept))
+            else:
+                get_run_logger().warning("removal request %s: %s; request deleted", key, message)
+                outcomes.append({"concept": concept, "outcome": "absent", "code": "concept_unknown"})
+            t.close_removal_request(key)
     return outcomes
 
 
@@ -102,3 +118,53 @@ def nightly(workspace: str | None = None) -> dict:
         evaluation = t.evaluate(ws, model, config, write=False, every_concept=True)
     report = t.log_nightly(ws, config, evaluation)
     return {"learned": learned, **report}
+
+
+@flow(name="forget", flow_run_name="forget-{concept}")
+def forget(concept: str, workspace: str | None = None) -> dict:
+    """Take a learned concept out of the workspace's model again: a new version (its rows back at
+    their values before it, its token gone; ``cns.forget``), with its MLflow run (``cns.kind``
+    ``forget``) and registry version, like a learn. A name the model does not hold gives outcome
+    ``absent`` (code ``concept_unknown``) and changes nothing."""
+    ws = open_workspace(workspace)
+    config = ws.config()
+    with t.lineage_lock(ws, config):
+        t.recover(ws, config)
+        message = unknown_concept(ws, concept)
+        if message is not None:
+            return {"concept": concept, "outcome": "absent", "code": "concept_unknown", "message": message}
+        return _forget(ws, config, concept)
+
+
+def unknown_concept(ws: Workspace, concept: str) -> str | None:
+    """Why the workspace's model cannot forget ``concept`` (it holds no concept of that name), or None."""
+    lineage = read_lineage(ws.model_dir)
+    if lineage is not None and lineage.find(concept) is not None:
+        return None
+    removed = [r["version"] for r in (lineage.removals if lineage else []) if r["name"] == concept]
+    held = ", ".join(c.name for c in lineage.concepts) if lineage else ""
+    return (f"the model in {ws.model_dir} holds no concept named '{concept}'"
+            + (f" (removed in model v{removed[-1]})" if removed else "")
+            + (f"; it holds {held}" if held else ""))
+
+
+def _forget(ws: Workspace, config, concept: str) -> dict:
+    """The steps of one removal; the caller holds the lineage lock. A failure leaves the
+    uncommitted removal to the next pass's recovery (rolled back, its run marked rolled back)."""
+    logger = get_run_logger()
+    removal = t.forget_concept(ws, concept)
+    try:
+        run_id = t.start_forget_run(config, removal)
+        model = t.load_model(ws, config)
+        evaluation = t.evaluate(ws, model, config)
+        t.log_forget_run(ws, config, run_id, removal, evaluation)
+        versioned = t.version_removal(ws, removal)
+    except BaseException:
+        t.drop_model(ws)
+        raise
+    registry_version = t.register_removal(ws, config, run_id, removal, versioned)
+    logger.info("removed %s as model v%d (%s, registry version %s)", concept, removal["version"],
+                versioned["tag"], registry_version)
+    return {"concept": concept, "outcome": "forgotten", "version": removal["version"], "run_id": run_id,
+            "tag": versioned["tag"], "registry_version": registry_version, "token": removal["token"],
+            "rows_kept_by_later_concepts": removal["rows_kept_by_later_concepts"]}

@@ -1,7 +1,7 @@
 """Deployments and schedules, declared in one place.
 
-``cns serve`` serves ``watch`` (interval), ``nightly`` (cron) and ``personalize`` (run on demand,
-e.g. from the UI with a concept name) from this process against the Prefect server in
+``cns serve`` serves ``watch`` (interval), ``nightly`` (cron), ``personalize`` and ``forget`` (run on
+demand, e.g. from the UI with a concept name) from this process against the Prefect server in
 ``PREFECT_API_URL``. For a GPU machine, ``prefect.yaml`` deploys ``personalize`` to a work pool
 instead (see README, "GPU workers").
 """
@@ -12,7 +12,7 @@ import os
 from datetime import timedelta
 
 from cns.config import Config
-from flows.pipeline import nightly, personalize, watch
+from flows.pipeline import forget, nightly, personalize, watch
 from tasks.learning import ensure_limits
 
 
@@ -40,6 +40,8 @@ def deployments(config: Config, workspace: str) -> list:
                               description="Learn what is pending; re-check every concept (forgetting report)"),
         personalize.to_deployment(name="personalize", parameters=params,
                                   description="Learn one dataset: incoming/<concept>/"),
+        forget.to_deployment(name="forget", parameters=params,
+                             description="Remove one learned concept (parameter concept): a new version"),
     ]
 
 

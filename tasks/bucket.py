@@ -488,3 +488,29 @@ def drop(s3, bucket: str, directory: str | Path, *, limits: LimitsConfig | None 
     except client_errors() as exc:
         raise describe_error(exc, _uri(bucket, prefix)) from None
     return name, hash_concept_dir(directory)
+
+
+# ---- removal requests ---------------------------------------------------------------------------
+
+FORGET = "forget/"
+
+
+def removal_requests(s3, bucket: str) -> list[tuple[str, str]]:
+    """(concept name, key) of every removal request ``forget/<concept>`` (an object of any
+    content), oldest first. Keys deeper than ``forget/<concept>`` are not requests and are ignored."""
+    requests = []
+    for obj in sorted(list_objects(s3, bucket, FORGET), key=lambda o: (o.last_modified, o.key)):
+        name = obj.key[len(FORGET):]
+        if not name or "/" in name:
+            log.debug("%s: not a removal request (forget/<concept>), ignored", _uri(bucket, obj.key))
+            continue
+        requests.append((name, obj.key))
+    return requests
+
+
+def close_removal_request(s3, bucket: str, key: str) -> None:
+    """Delete a handled request: done once the removal is a version (or the name is unknown)."""
+    try:
+        s3.delete_object(Bucket=bucket, Key=key)
+    except client_errors() as exc:
+        raise describe_error(exc, _uri(bucket, key)) from None

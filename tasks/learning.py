@@ -385,3 +385,73 @@ def register(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, 
     tracking.set_tags(run_id, {"cns.git_tag": versioned["tag"], "cns.workspace_commit": versioned["commit"],
                                "cns.dvc_hash": versioned["dvc_hash"]})
     return tracking.register_version(config, run_id, record.version, version_tags(ws, record.version))
+
+
+# ---- removals (the forget flow) -----------------------------------------------------------------
+
+@step_task(name="forget-concept")
+def forget_concept(ws: Workspace, name: str) -> dict:
+    """``cns.forget.forget`` on the workspace's model: the new lineage without ``name`` in
+    ``data/model`` (not yet committed); returns the removal record."""
+    from cns.forget import forget
+
+    drop_model(ws)  # the in-memory model still holds the concept
+    return forget(ws.model_dir, name)
+
+
+@task(name="start-forget-run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def start_forget_run(config: Config, removal: dict) -> str:
+    return tracking.start_forget_run(config, removal=removal)
+
+
+@task(name="log-forget-run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def log_forget_run(ws: Workspace, config: Config, run_id: str, removal: dict, evaluation: ModelEvaluation) -> None:
+    """The removal's run: the remaining concepts' metrics and samples at the new version, the
+    forgetting history, the removal record and the new lineage."""
+    import json
+
+    tracking.log_metrics(run_id, {**evaluation.flat_metrics(),
+                                  "removal/rows_kept_by_later_concepts": removal["rows_kept_by_later_concepts"],
+                                  "removal/concepts_left": len(read_lineage(ws.model_dir).concepts)})
+    with tempfile.TemporaryDirectory(prefix="cns-artifacts-") as tmp:
+        out = Path(tmp)
+        if evaluation.metrics and (ws.metrics_dir / "forgetting.csv").exists():
+            review_artifacts(out, evaluation, ws.metrics_dir, config, title=f"output change (v{removal['version']}: "
+                                                                              f"forgot {removal['name']})")
+            tracking.log_sample_images(run_id, {n: out / "samples" / f"{n}.png" for n in evaluation.samples},
+                                       removal["version"])
+        (out / "model").mkdir()
+        shutil.copy(ws.model_dir / "lineage.json", out / "model" / "lineage.json")
+        (out / "model" / "removal.json").write_text(json.dumps(removal, indent=2))
+        (out / "model" / "README.md").write_text(
+            f"Model version {removal['version']}: {removal['name']} ({removal['token']}) removed. The weights are "
+            f"versioned with DVC: in the workspace, `git checkout {versioning.TAG_PREFIX}{removal['version']} && "
+            f"dvc pull`; `{versioning.TAG_PREFIX}{removal['version'] - 1}` still holds the concept.\n")
+        tracking.log_artifacts(run_id, {p.name: p for p in out.iterdir()})
+
+
+@task(name="version-removal", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def version_removal(ws: Workspace, removal: dict) -> dict[str, str]:
+    """dvc add + push of the model (the removed concept's dataset stays as it is), then git commit
+    "model vN: forget <concept>" + tag ``model-vN`` (idempotent)."""
+    versioning.add_and_push(ws, None)
+    return versioning.commit_and_tag(ws, ConceptRecord(**removal["record"]), action="forget",
+                                     version=removal["version"])
+
+
+@task(name="register-removal", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def register_removal(ws: Workspace, config: Config, run_id: str, removal: dict, versioned: dict[str, str]) -> str:
+    tracking.set_tags(run_id, {"cns.git_tag": versioned["tag"], "cns.workspace_commit": versioned["commit"],
+                               "cns.dvc_hash": versioned["dvc_hash"]})
+    return tracking.register_version(config, run_id, removal["version"], version_tags(ws, removal["version"]))
+
+
+@task(name="find-removal-requests", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def find_removal_requests() -> list[tuple[str, str]]:
+    """``forget/<concept>`` objects in the bucket, oldest first: (concept, key)."""
+    return bucket.removal_requests(s3.client(), s3.bucket_name())
+
+
+@task(name="close-removal-request", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def close_removal_request(key: str) -> None:
+    bucket.close_removal_request(s3.client(), s3.bucket_name(), key)

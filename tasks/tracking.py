@@ -254,3 +254,25 @@ def start_report_run(config: Config, name: str, version: int) -> str:
 
 def finish_report_run(run_id: str) -> None:
     _client().set_terminated(run_id, "FINISHED")
+
+
+def start_forget_run(config: Config, *, removal: dict) -> str:
+    """The run of a removal (``cns forget-version``, the ``forget`` flow): tagged ``cns.kind=forget``
+    with the removed concept's name and token and the new model version, state ``running`` until
+    that version is committed and registered (so crash recovery treats it like a concept run)."""
+    version, name, token = removal["version"], removal["name"], removal["token"]
+    tags = {STATE: "running", VERSION: str(version), "cns.kind": "forget", "cns.concept": name,
+            "cns.removed_concept": name, "cns.removed_token": token, "git.commit": code_commit(),
+            "mlflow.runName": f"v{version} forget {name}", **prefect_tags()}
+    client = _client()
+    run = client.create_run(experiment_id(config.pipeline.model_name), tags=tags)
+    from mlflow.entities import Param
+
+    params = {"removal.name": name, "removal.token": token,
+              "removal.learned_in_version": str(removal["record"]["version"]),
+              "removal.dataset_hash": removal["record"]["dataset_hash"],
+              "removal.later_concepts": json.dumps(removal["later_concepts"]),
+              "removal.rows_kept_by_later_concepts": str(removal["rows_kept_by_later_concepts"]),
+              "base_model": config.model.pretrained_model_name_or_path}
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
+    return run.info.run_id

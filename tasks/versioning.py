@@ -160,11 +160,12 @@ def dvc_hash(ws: Workspace, dvc_file: str = "data/model.dvc") -> str | None:
     return yaml.safe_load(path.read_text())["outs"][0]["md5"]
 
 
-def add_and_push(ws: Workspace, record: ConceptRecord) -> None:
-    """dvc add the model and the concept's dataset, record the in-process metrics as the
-    ``evaluate`` stage's outputs, and push everything to the remote (idempotent)."""
+def add_and_push(ws: Workspace, record: ConceptRecord | None) -> None:
+    """dvc add the model and the concept's dataset (``None``: the model only, for a removal),
+    record the in-process metrics as the ``evaluate`` stage's outputs, and push everything to
+    the remote (idempotent)."""
     with dvc_repo(ws) as repo:
-        repo.add(["data/model", f"data/concepts/{record.name}"])
+        repo.add(["data/model", *([f"data/concepts/{record.name}"] if record is not None else [])])
         if (ws.metrics_dir / "eval.json").exists():
             repo.commit("evaluate", force=True)
         if (ws.root / "data" / "cache").exists():
@@ -172,14 +173,17 @@ def add_and_push(ws: Workspace, record: ConceptRecord) -> None:
         repo.push()
 
 
-def commit_and_tag(ws: Workspace, record: ConceptRecord) -> dict[str, str]:
-    """git commit "model vN: learn <concept>" and tag ``model-vN``: the version exists from here."""
-    tag = f"{TAG_PREFIX}{record.version}"
+def commit_and_tag(ws: Workspace, record: ConceptRecord, action: str = "learn",
+                   version: int | None = None) -> dict[str, str]:
+    """git commit "model vN: learn <concept>" (``action="forget"``: "model vN: forget <concept>",
+    a removal, with ``version`` its model version) and tag ``model-vN``: the version exists from here."""
+    version = record.version if version is None else version
+    tag = f"{TAG_PREFIX}{version}"
     if git(ws, "tag", "--list", tag):  # a retry after the tag was made
         return {"commit": git(ws, "rev-list", "-n", "1", tag), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
     paths = [p for p in (*TRACKED, f"data/concepts/{record.name}.dvc") if (ws.root / p).exists()]
     git(ws, "add", "--", *paths)
-    git(ws, "commit", "-q", "-m", f"model v{record.version}: learn {record.name}", "--", *paths)
+    git(ws, "commit", "-q", "-m", f"model v{version}: {action} {record.name}", "--", *paths)
     git(ws, "tag", tag)
     return {"commit": git(ws, "rev-parse", "HEAD"), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
 
@@ -205,14 +209,16 @@ def complete_untagged_version(ws: Workspace) -> int | None:
 
     The commit comes only after ``dvc add`` and ``dvc push`` succeeded (:func:`version_model`'s
     order), and git makes a commit whole or not at all, so the commit ``model vN: learn <name>``
-    right after tag ``model-v(N-1)``, holding ``data/concepts/<name>.dvc``, is a whole version."""
+    or ``model vN: forget <name>`` (a removal) right after tag ``model-v(N-1)``, holding
+    ``data/model.dvc`` (and, for a learn, ``data/concepts/<name>.dvc``), is a whole version."""
     committed = last_version(ws)
-    match = re.fullmatch(r"model v(\d+): learn (\S+)", git(ws, "log", "-1", "--format=%s"))
+    match = re.fullmatch(r"model v(\d+): (learn|forget) (\S+)", git(ws, "log", "-1", "--format=%s"))
     if not match or int(match.group(1)) != committed + 1:
         return None
     if committed and git(ws, "rev-parse", "HEAD~1") != git(ws, "rev-list", "-n", "1", f"{TAG_PREFIX}{committed}"):
         return None
-    if not git(ws, "ls-tree", "HEAD", "--", f"data/concepts/{match.group(2)}.dvc", "data/model.dvc"):
+    required = ["data/model.dvc"] + ([f"data/concepts/{match.group(3)}.dvc"] if match.group(2) == "learn" else [])
+    if len(git(ws, "ls-tree", "--name-only", "HEAD", "--", *required).split()) != len(required):
         return None
     version = int(match.group(1))
     log.warning("completing model v%d: its commit was made, its tag was not", version)
