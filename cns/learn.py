@@ -217,7 +217,7 @@ def commit(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Se
                            dataset_hash=dataset_hash, mask=f"concepts/{concept.name}/mask.safetensors",
                            delta=f"concepts/{concept.name}/delta.safetensors", prompts=list(concept.prompts),
                            stats=stats, learned_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    new_lineage = Lineage(base=lineage.base, concepts=[*lineage.concepts, record])
+    new_lineage = Lineage(base=lineage.base, concepts=[*lineage.concepts, record], removals=lineage.removals)
     write_lineage(model_dir, new_lineage)
     cumulative.lineage = new_lineage
     cumulative.token_ids[concept.name] = prepared.token_id

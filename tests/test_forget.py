@@ -78,3 +78,21 @@ def test_forgetting_an_unknown_concept_is_one_error_naming_the_lineage_and_chang
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "lineage.json" in lines[0] and "rex" in lines[0] and "dog" in lines[0]
     assert tree_digest(model_dir) == before
+
+
+def test_a_concept_learned_after_a_removal_keeps_the_removal_on_record(two_concepts, tmp_path):
+    from cns.concept import hash_concept_dir, load_concept
+    from cns.cumulative import open_model
+    from cns.forget import forget
+    from cns.learn import learn_into
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(two_concepts.model_dir, model_dir)
+    forget(model_dir, "dog")
+    cumulative = open_model(model_dir, two_concepts.config)
+    record, _ = learn_into(cumulative, load_concept(SAMPLES / "teapot"), two_concepts.config,
+                           hash_concept_dir(SAMPLES / "teapot"), progress=False)
+    assert record.version == 4
+    reopened = open_model(model_dir, two_concepts.config).lineage
+    assert [r["name"] for r in reopened.removals] == ["dog"]
+    assert two_concepts.records[0].dataset_hash in reopened.dataset_hashes

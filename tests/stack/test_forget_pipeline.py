@@ -167,9 +167,6 @@ def test_a_removal_request_in_the_bucket_is_handled_by_the_watch_pass_after_the_
     assert _mlflow().get_model_version_by_alias(name, "current").tags["model_version"] == "5"
 
 
-@pytest.mark.xfail(strict=True, reason="cns/learn.py commit() writes Lineage(base, concepts) without the "
-                                       "earlier removals: a learn after a forget drops them from the lineage, so "
-                                       "the removed concept's dataset is pending (and learned) again")
 def test_removals_survive_a_later_learn_and_a_removed_dataset_is_not_learned_again(forgotten):
     from flows.pipeline import watch
 
