@@ -74,7 +74,7 @@ class RegionalAttnProcessor:
 
     def __init__(self, regional: RegionalStates) -> None:
         self.regional = regional
-        self._weights: dict[int, torch.Tensor] = {}
+        self._weights: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def attend(self, attn, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Multi-head attention of ``x`` over ``context``, before the output projection."""
@@ -89,18 +89,27 @@ class RegionalAttnProcessor:
         if hidden_states.ndim != 3 or attn.norm_cross or attn.residual_connection or attn.group_norm is not None \
                 or attention_mask is not None or encoder_hidden_states is None:
             raise NotImplementedError("region control supports the cross-attention of SD-style UNets only")
-        out = self.attend(attn, hidden_states, encoder_hidden_states)
         states = self.regional.states.to(hidden_states.device, hidden_states.dtype)
         n = states.shape[1]
         tokens = hidden_states.shape[1]
         if tokens not in self._weights:
-            self._weights[tokens] = region_weights(self.regional.boxes, tokens)
-        weights = self._weights[tokens].to(out.device, out.dtype)
+            weights = region_weights(self.regional.boxes, tokens)
+            # Per prompt (each region's, then the global one): the positions that read it. Each
+            # query's attention is independent of the others, so reading a prompt only where it
+            # is used is exact and costs about one attention over the image in all.
+            self._weights[tokens] = [(w.nonzero().flatten(), w[w > 0]) for w in weights]
         cond = hidden_states[-n:]
-        mixed = out[-n:] * weights[-1][None, :, None]
-        for r in range(len(self.regional.boxes)):
-            mixed = mixed + self.attend(attn, cond, states[r]) * weights[r][None, :, None]
-        out = torch.cat([out[:-n], mixed]) if len(out) > n else mixed
+        contexts = [*states, encoder_hidden_states[-n:]]
+        mixed = torch.zeros(n, tokens, attn.to_q.out_features, device=cond.device, dtype=cond.dtype)
+        for (where, weight), context in zip(self._weights[tokens], contexts):
+            if len(where):
+                where = where.to(cond.device)
+                part = self.attend(attn, cond[:, where], context) * weight.to(cond.device, cond.dtype)[None, :, None]
+                mixed[:, where] += part
+        if len(hidden_states) > n:  # the unconditional half reads its own (empty) prompt everywhere
+            out = torch.cat([self.attend(attn, hidden_states[:-n], encoder_hidden_states[:-n]), mixed])
+        else:
+            out = mixed
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
 
