@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +38,35 @@ def make_concept(root: Path, name: str, *, images: int = 3, token: str | None = 
     text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
     (directory / "concept.yaml").write_text(text)
     return directory
+
+
+def set_params(ws, **sections) -> None:
+    """Update sections of the workspace's params.yaml."""
+    path = ws.root / "params.yaml"
+    data = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@contextlib.contextmanager
+def own_workspace(tmp_path_factory, prefix: str, **sections):
+    """A new bucket (CNS_BUCKET while the block runs) and a workspace whose model_name is the
+    bucket's name, with ``sections`` set in its params.yaml; yields (workspace, name, root)."""
+    from tasks import s3
+    from tasks.versioning import init_workspace
+
+    name = f"{prefix}-{random.randrange(10**8)}"
+    s3.client().create_bucket(Bucket=name)
+    saved = os.environ.get("CNS_BUCKET")
+    os.environ["CNS_BUCKET"] = name
+    try:
+        root = tmp_path_factory.mktemp(prefix)
+        ws = init_workspace(root / "workspace")
+        set_params(ws, pipeline={"model_name": name}, **sections)
+        yield ws, name, root
+    finally:
+        if saved is None:
+            os.environ.pop("CNS_BUCKET", None)
+        else:
+            os.environ["CNS_BUCKET"] = saved

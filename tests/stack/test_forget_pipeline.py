@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cns.lineage import read_lineage
 from tasks import bucket, s3
-from tasks.versioning import git, init_workspace, last_version
+from tasks.versioning import git, last_version
 
-from stack_helpers import make_concept
+from stack_helpers import make_concept, own_workspace
 
 pytestmark = pytest.mark.stack
 
@@ -48,18 +46,7 @@ def forgotten(running_stack, tmp_path_factory):
     removed by the forget flow (v3)."""
     from flows.pipeline import forget, watch
 
-    name = f"forget-{random.randrange(10**8)}"
-    s3.client().create_bucket(Bucket=name)
-    saved = os.environ.get("CNS_BUCKET")
-    os.environ["CNS_BUCKET"] = name
-    try:
-        root = tmp_path_factory.mktemp("forget")
-        ws = init_workspace(root / "workspace")
-        path = ws.root / "params.yaml"
-        data = yaml.safe_load(path.read_text())
-        for section, values in {"pipeline": {"model_name": name}, **FAST}.items():
-            data.setdefault(section, {}).update(values)
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with own_workspace(tmp_path_factory, "forget", **FAST) as (ws, name, root):
         for i, concept in enumerate(("f-first", "f-second")):
             bucket.drop(s3.client(), name, make_concept(root / "src", concept, seed=i))
         learned = watch(str(ws.root))
@@ -68,11 +55,6 @@ def forgotten(running_stack, tmp_path_factory):
         before = read_lineage(ws.model_dir)
         result = forget(first, str(ws.root))
         yield ws, name, first, second, before, result
-    finally:
-        if saved is None:
-            os.environ.pop("CNS_BUCKET", None)
-        else:
-            os.environ["CNS_BUCKET"] = saved
 
 
 def test_forget_makes_a_tagged_version_whose_lineage_records_the_removal(forgotten):

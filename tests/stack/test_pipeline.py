@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cns.lineage import read_lineage
 from tasks import bucket, s3
 from tasks.versioning import git, init_workspace, last_version
 
-from stack_helpers import SAMPLES, make_concept
+from stack_helpers import SAMPLES, make_concept, set_params
 
 pytestmark = pytest.mark.stack
 
@@ -29,14 +28,6 @@ FAST = {"train": {"max_train_steps": 15}, "scoring": {"num_score_samples": 4, "s
 
 def _drop(directory: Path) -> None:
     bucket.drop(s3.client(), s3.bucket_name(), directory)
-
-
-def _set_params(ws, **sections) -> None:
-    path = ws.root / "params.yaml"
-    data = yaml.safe_load(path.read_text())
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def pipeline(running_stack, tmp_path_factory):
     os.environ["CNS_BUCKET"] = name
     try:
         ws = init_workspace(tmp_path_factory.mktemp("ws") / "workspace")
-        _set_params(ws, pipeline={"model_name": name}, **FAST)
+        set_params(ws, pipeline={"model_name": name}, **FAST)
         for concept in ("dog", "cat2"):
             _drop(SAMPLES / concept)
         outcomes = watch(str(ws.root))
@@ -177,7 +168,7 @@ def test_a_run_killed_during_finetuning_is_redone_as_exactly_one_version(pipelin
     ws, name, _ = pipeline
     _drop(SAMPLES / "teapot")
     original = (ws.root / "params.yaml").read_text()
-    _set_params(ws, train={"max_train_steps": 100000})
+    set_params(ws, train={"max_train_steps": 100000})
     cns = Path(sys.executable).parent / "cns"
     proc = subprocess.Popen([str(cns), "run-once", "--workspace", str(ws.root)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

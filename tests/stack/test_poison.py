@@ -4,20 +4,17 @@ to the datasets behind it; nothing of it is left in the workspace (issue 10, ite
 from __future__ import annotations
 
 import json
-import os
-import random
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from cns.concept import ConceptError
 from cns.lineage import read_lineage
 from tasks import bucket, s3
-from tasks.versioning import git, init_workspace, last_version
+from tasks.versioning import git, last_version
 
-from stack_helpers import make_concept, token_for
+from stack_helpers import make_concept, own_workspace, set_params, token_for
 
 pytestmark = pytest.mark.stack
 
@@ -25,35 +22,15 @@ FAST = {"train": {"max_train_steps": 4}, "scoring": {"num_score_samples": 2, "sc
         "evaluate": {"num_inference_steps": 2, "num_images_per_prompt": 1, "loss_draws": 2}}
 
 
-def _set_params(ws, **sections) -> None:
-    path = ws.root / "params.yaml"
-    data = yaml.safe_load(path.read_text())
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def queue(running_stack, tmp_path_factory):
     """A workspace and a bucket of their own, with one concept (4 images) learned as model v1."""
     from flows.pipeline import watch
 
-    name = f"poison-{random.randrange(10**8)}"
-    s3.client().create_bucket(Bucket=name)
-    saved = os.environ.get("CNS_BUCKET")
-    os.environ["CNS_BUCKET"] = name
-    try:
-        root = tmp_path_factory.mktemp("poison")
-        ws = init_workspace(root / "workspace")
-        _set_params(ws, pipeline={"model_name": name}, **FAST)
+    with own_workspace(tmp_path_factory, "poison", **FAST) as (ws, name, root):
         bucket.drop(s3.client(), name, make_concept(root / "src", "first", images=4, token="<first1>"))
         assert [o["outcome"] for o in watch(str(ws.root))] == ["learned"]
         yield ws, name, root / "src"
-    finally:
-        if saved is None:
-            os.environ.pop("CNS_BUCKET", None)
-        else:
-            os.environ["CNS_BUCKET"] = saved
 
 
 def _runs(model_name: str, concept: str):
@@ -145,7 +122,7 @@ def test_limits_tightened_after_a_concept_was_learned_do_not_stop_learning(queue
 
     ws, name, src = queue
     original = (ws.root / "params.yaml").read_text()
-    _set_params(ws, limits={"max_images": 3})
+    set_params(ws, limits={"max_images": 3})
     try:
         bucket.drop(s3.client(), name, make_concept(src, "p4-after-tightening", token=token_for("p4")))
         before = last_version(ws)

@@ -8,20 +8,17 @@ the index lock)."""
 
 from __future__ import annotations
 
-import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cns.lineage import read_lineage
 from tasks import bucket, s3
-from tasks.versioning import git, init_workspace, last_version
+from tasks.versioning import git, last_version
 
-from stack_helpers import make_concept
+from stack_helpers import make_concept, own_workspace
 
 pytestmark = pytest.mark.stack
 
@@ -33,24 +30,8 @@ KILL_HOOK = '#!/bin/sh\nrm -f "$0"\nkill -KILL -$(ps -o pgid= -p $$ | tr -d " ")
 
 @pytest.fixture(scope="module")
 def workspace(running_stack, tmp_path_factory):
-    name = f"vfault-{random.randrange(10**8)}"
-    s3.client().create_bucket(Bucket=name)
-    saved = os.environ.get("CNS_BUCKET")
-    os.environ["CNS_BUCKET"] = name
-    try:
-        root = tmp_path_factory.mktemp("vfault")
-        ws = init_workspace(root / "workspace")
-        path = ws.root / "params.yaml"
-        data = yaml.safe_load(path.read_text())
-        for section, values in {"pipeline": {"model_name": name}, **FAST}.items():
-            data.setdefault(section, {}).update(values)
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with own_workspace(tmp_path_factory, "vfault", **FAST) as (ws, name, root):
         yield ws, name, root / "src"
-    finally:
-        if saved is None:
-            os.environ.pop("CNS_BUCKET", None)
-        else:
-            os.environ["CNS_BUCKET"] = saved
 
 
 def run_once_killed_by(ws, hook: str) -> None:
