@@ -136,8 +136,8 @@ def world_calibration_prompts(path: Path, count: int = 300, seed: int = 0) -> Pa
     (shape, colour) pair on every background, and family glyphs."""
     lines = [caption([Obj(s, c)], bg) for s in SHAPES for c in COLORS
              for bg in BACKGROUNDS if (s, c) not in HELDOUT_PAIRS]
-    rng = np.random.default_rng(seed)
-    lines += [caption([Obj(glyph=random_glyph(rng, load_concepts()))], list(BACKGROUNDS)[i % len(BACKGROUNDS)])
+    rng, holdout = np.random.default_rng(seed), load_concepts()
+    lines += [caption([Obj(glyph=random_glyph(rng, holdout))], list(BACKGROUNDS)[i % len(BACKGROUNDS)])
               for i in range(count - len(lines))]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

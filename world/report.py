@@ -155,7 +155,7 @@ def write_report(settings, concepts, base: dict, runs: dict, cache: Path, dirs: 
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "concept", "when", *METRICS[:1], "identity", "similarity", "prompt_fidelity"])
+        writer.writerow(["method", "seed", "concept", "when", "bitmap", "identity", "similarity", "prompt_fidelity"])
         for (name, seed), run in sorted(runs.items()):
             for when in ("just_learned", "final"):
                 for reading in run[when]:

@@ -310,15 +310,16 @@ def _stroke(rng: np.random.Generator) -> np.ndarray:
     return np.fliplr(m) if flip else m
 
 
+_ALPHABET = "." + "".join(PALETTE_LETTERS)  # code 0 transparent, k the k-th palette letter
+
+
 def _letters(grid: np.ndarray) -> tuple[str, ...]:
-    """An int grid (0 transparent, k = k-th palette letter) as bitmap rows."""
-    alphabet = "." + "".join(PALETTE_LETTERS)
-    return tuple("".join(alphabet[v] for v in row) for row in grid)
+    """An int grid of codes as bitmap rows."""
+    return tuple("".join(_ALPHABET[v] for v in row) for row in grid)
 
 
 def _codes(bitmap: tuple[str, ...]) -> np.ndarray:
-    alphabet = "." + "".join(PALETTE_LETTERS)
-    return np.array([[alphabet.index(ch) for ch in row] for row in bitmap])
+    return np.array([[_ALPHABET.index(ch) for ch in row] for row in bitmap])
 
 
 def glyph_colors(bitmap: tuple[str, ...]) -> list[str]:

@@ -1,11 +1,9 @@
 """Two sweeps beside the main benchmark, each cached per cell and resumable like it:
 
-- ``cns bench world tune``: every method family's learning rates, chosen on the two validation
-  concepts by one pre-declared rule, written to ``docs/world/tuned.json``, which the benchmark
-  reads. The rule: the highest mean bitmap gain over the validation concepts, each learned
-  alone on the pretrained model with training seed 0; within 0.01 of the best, the smaller
-  learning rates win (less drift for the same fidelity).
-- ``cns bench world budget``: does *which* rows CNS trains matter? Row budgets of 2%, 6% and 15%
+- ``cns bench world --sweep tune``: every method family's learning rates, chosen on the two
+  validation concepts by the pre-declared rule ``RULE``, written to ``docs/world/tuned.json``,
+  which the benchmark reads (with the gate).
+- ``cns bench world --sweep budget``: does *which* rows CNS trains matter? Row budgets of 2%, 6% and 15%
   of each layer, for Taylor-scored, gradient-norm, random and lowest-scored rows (the same count
   per layer from the same free pool), each concept alone on the pretrained model, paired over
   concepts x seeds on the continuous bitmap gain. Reported whichever way it goes.
@@ -26,6 +24,9 @@ from world.report import _cells, fmt, interval, paired, save_figure
 from world.scene import load_concepts
 
 FAMILY_METHOD = {"cns": "cns", "token": "token_only", "kv": "single_kv", "lora": "lora_seq"}
+RULE = ("the highest mean bitmap gain over the validation concepts, each learned alone on the pretrained model "
+        "with training seed 0; within 0.01 of the best, the smaller learning rates win (less drift for the same "
+        "fidelity)")
 BUDGETS = (0.02, 0.06, 0.15)
 GATE = 0.8  # the world model must let the ceiling learn before any full benchmark run
 ROWS = ("taylor", "gradient", "random", "bottom")
@@ -57,7 +58,7 @@ def tune(settings: BenchSettings, out: Path, cache: Path, device: str = "cpu") -
         near = [h for g, h in candidates if g >= best - 0.01]
         chosen[family] = asdict(min(near, key=lambda h: (h.learning_rate, h.token_learning_rate)))
     ceiling = max((r["identity"] for r in results if r["family"] == "kv"), default=0.0)
-    record = {"rule": __doc__.split("The rule: ")[1].split(".\n- ")[0].replace("\n  ", " "),
+    record = {"rule": RULE,
               "validation_concepts": list(VALIDATION), "grid": {k: list(v) for k, v in TUNE_GRID.items()},
               "results": results, "chosen": chosen,
               "gate": {"rule": f"all-K/V single-concept identity on the validation concepts >= {GATE}",
