@@ -55,7 +55,7 @@ class ScoringConfig:
 
 @dataclass
 class CalibrationConfig:
-    # None = the shipped set (cns/assets/calibration_prompts.txt, 120 diverse captions).
+    # None = the shipped set (cns/assets/calibration_prompts.txt, 124 diverse captions).
     prompts_file: str | None = None
     # A neuron is "general" when it is in the top general_ratio of its layer for at least
     # general_consistency of the calibration prompts: neurons that fire for everything carry

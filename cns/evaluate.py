@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,13 +71,6 @@ def output_change(reference: torch.Tensor, current: torch.Tensor) -> float:
     """Mean absolute pixel difference in [0, 1]; 0 = identical outputs."""
     _check_same_shape(reference, current)
     return (reference.float() - current.float()).abs().mean().item() / 255.0
-
-
-def psnr(reference: torch.Tensor, current: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB (inf for identical outputs)."""
-    _check_same_shape(reference, current)
-    mse = ((reference.float() - current.float()) / 255.0).pow(2).mean().item()
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -72,14 +72,6 @@ def count(mask: Mask) -> int:
     return int(sum(int(rows.sum()) for rows in mask.values()))
 
 
-def counts_per_layer(mask: Mask) -> dict[str, int]:
-    return {name: int(rows.sum()) for name, rows in mask.items()}
-
-
 def weights_in(mask: Mask, layers: list[KVLayer]) -> int:
     """How many individual weights the masked rows hold."""
     return sum(int(mask[layer.name].sum()) * layer.weights_per_row for layer in layers)
-
-
-def total_rows(layers: list[KVLayer]) -> int:
-    return sum(layer.rows for layer in layers)
