@@ -114,16 +114,22 @@ def build_tiny(seed: int = TINY_SEED) -> DiffusionModel:
             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
             norm_num_groups=8,
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ))
+        text_encoder = CLIPTextModel(tiny_clip_config())
     model = DiffusionModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
                            noise_scheduler=DDPMScheduler(**SD_SCHEDULE),
                            reference=TINY)
     model.freeze()
     return model
+
+
+def tiny_clip_config():
+    """The tiny text encoder of the test model and the benchmark world: CLIP's vocabulary and
+    special tokens (so the real tokenizer works), 64 wide, 2 layers."""
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
 
 
 def load_pretrained(name_or_path: str, revision: str | None = None) -> DiffusionModel:

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cns.diffusion import diffusion_loss, encode_prompts, tokenize
-from cns.models import DiffusionModel, clip_tokenizer, save_pixel_model
+from cns.models import DiffusionModel, clip_tokenizer, save_pixel_model, tiny_clip_config
 from cns.errors import CNSError
 from world.scene import SIZE, WorldConcept, load_concepts, random_base_scene, render
 
@@ -59,7 +59,7 @@ class PretrainConfig:
 
 def build_world_model(seed: int = 0) -> DiffusionModel:
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -70,11 +70,7 @@ def build_world_model(seed: int = 0) -> DiffusionModel:
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ))
+        text_encoder = CLIPTextModel(tiny_clip_config())
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                               prediction_type="v_prediction", clip_sample=False)
     return DiffusionModel(unet=unet, vae=None, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
