@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cns.delta import load_masks
 from cns.errors import CNSError
-from cns.lineage import read_lineage
+from cns.lineage import LINEAGE, read_lineage
 from cns.neurons import Mask, intersection, union
 
 
@@ -48,7 +48,7 @@ def info(model_dir: str | Path) -> tuple[dict, list[dict]]:
     """(base record, one accounting dict per concept in order), recomputed from the mask files."""
     lineage = read_lineage(model_dir)
     if lineage is None:
-        raise CNSError(Path(model_dir) / "lineage.json", "missing: no model has been learned here yet", "model_missing")
+        raise CNSError(Path(model_dir) / LINEAGE, "missing: no model has been learned here yet", "model_missing")
     rows, earlier = [], []
     for record in lineage.concepts:
         concept = load_masks(Path(model_dir) / record.mask)[0]["concept"]

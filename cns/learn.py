@@ -30,16 +30,16 @@ from cns.diffusion import ConceptBatchSource, encode_prompts, image_latents, tok
 from cns.errors import CNSError
 from cns.evaluate import concept_prompts, sample_outputs, sampling_settings, save_reference
 from cns.info import account
-from cns.lineage import ConceptRecord, Lineage, check_against_lineage, write_lineage
+from cns.lineage import (
+    DELTA, MASK, REFERENCE, ConceptRecord, Lineage, check_against_lineage, concept_dir, relative_file,
+    write_lineage,
+)
 from cns.neurons import Mask
 from cns.scoring import score_neurons
 from cns.selection import Selection, select_concept_neurons
 from cns.train import TrainResult, finetune
 
 log = logging.getLogger(__name__)
-
-REFERENCE = "reference.safetensors"
-
 
 @dataclass
 class PreparedConcept:
@@ -183,16 +183,15 @@ def commit(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Se
     model_dir = cumulative.model_dir
     lineage = cumulative.lineage
     version = lineage.version + 1
-    concepts_dir = model_dir / "concepts"
-    concepts_dir.mkdir(parents=True, exist_ok=True)
-    final = concepts_dir / concept.name
-    tmp = concepts_dir / f".tmp-{concept.name}-{uuid.uuid4().hex[:8]}"
+    final = concept_dir(model_dir, concept.name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{concept.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         meta = {"concept": concept.name, "version": str(version), "base_hash": cumulative.base_hash}
-        save_masks(tmp / "mask.safetensors", {"concept": selection.concept, "base": selection.base,
-                                              "general": selection.general, "owned": selection.owned}, scores, meta)
-        save_delta(tmp / "delta.safetensors", result.rows, concept.token, result.token_embedding, meta)
+        save_masks(tmp / MASK, {"concept": selection.concept, "base": selection.base,
+                                "general": selection.general, "owned": selection.owned}, scores, meta)
+        save_delta(tmp / DELTA, result.rows, concept.token, result.token_embedding, meta)
         if reference is not None:
             images, prompts = reference
             save_reference(tmp / REFERENCE, images, prompts, sampling_settings(config.evaluate, prepared.resolution))
@@ -206,16 +205,16 @@ def commit(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Se
     stats = account(selection.concept, earlier, lineage.base["layers"], lineage.base["unet_parameters"])
     stats.update({
         "selection": selection.summary(),
-        "delta_sha256": file_digest(final / "delta.safetensors"),
-        "mask_sha256": file_digest(final / "mask.safetensors"),
-        "delta_bytes": (final / "delta.safetensors").stat().st_size,
+        "delta_sha256": file_digest(final / DELTA),
+        "mask_sha256": file_digest(final / MASK),
+        "delta_bytes": (final / DELTA).stat().st_size,
         "final_loss": result.losses[-1] if result.losses else None,
         "train_steps": len(result.losses),
         "timings": dict(prepared.timings),
     })
     record = ConceptRecord(version=version, name=concept.name, token=concept.token, class_noun=concept.class_noun,
-                           dataset_hash=dataset_hash, mask=f"concepts/{concept.name}/mask.safetensors",
-                           delta=f"concepts/{concept.name}/delta.safetensors", prompts=list(concept.prompts),
+                           dataset_hash=dataset_hash, mask=relative_file(concept.name, MASK),
+                           delta=relative_file(concept.name, DELTA), prompts=list(concept.prompts),
                            stats=stats, learned_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     new_lineage = Lineage(base=lineage.base, concepts=[*lineage.concepts, record], removals=lineage.removals)
     write_lineage(model_dir, new_lineage)

@@ -17,6 +17,27 @@ from typing import Any
 from cns.concept import Concept, ConceptError
 
 LINEAGE = "lineage.json"
+# The model directory: lineage.json, then one folder per learned concept, concepts/<name>/, holding
+# its mask, its delta and (when sampled) its reference samples. Every layer names them through
+# these, never by spelling the strings.
+CONCEPTS = "concepts"
+MASK = "mask.safetensors"
+DELTA = "delta.safetensors"
+REFERENCE = "reference.safetensors"
+
+
+def concept_dir(model_dir: str | Path, name: str) -> Path:
+    return Path(model_dir) / CONCEPTS / name
+
+
+def concept_file(model_dir: str | Path, name: str, file: str) -> Path:
+    """``file`` (MASK, DELTA or REFERENCE) of concept ``name``."""
+    return concept_dir(model_dir, name) / file
+
+
+def relative_file(name: str, file: str) -> str:
+    """As a lineage record stores it: relative to the model directory, with forward slashes."""
+    return f"{CONCEPTS}/{name}/{file}"
 # 1: concepts only; 2: also "removals" (cns.forget). A lineage without removals is still written
 # as format 1, byte for byte as before.
 FORMATS = (1, 2)

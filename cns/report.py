@@ -21,8 +21,9 @@ from PIL import Image
 from cns.concept import NO_INTAKE_LIMITS, Concept, load_concept
 from cns.config import Config
 from cns.cumulative import CumulativeModel
-from cns.evaluate import UNAVAILABLE, Judges, evaluate_concept, load_reference, sampling_settings
-from cns.learn import REFERENCE
+from cns.evaluate import (UNAVAILABLE, Judges, evaluate_concept, load_reference, reference_settings,
+                          sampling_settings, with_sampling_settings)
+from cns.lineage import REFERENCE, concept_file
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,26 @@ def evaluate_model(cumulative: CumulativeModel, config: Config, judges: Judges, 
     for record in cumulative.lineage.concepts:
         if concepts is not None and record.name not in concepts:
             continue
-        ref_path = cumulative.model_dir / "concepts" / record.name / REFERENCE
-        reference = load_reference(ref_path, settings) if ref_path.exists() else None
+        ref_path = concept_file(cumulative.model_dir, record.name, REFERENCE)
+        reference = load_reference(ref_path) if ref_path.exists() else None
         if reference is None:
             log.warning("%s has no reference samples: its output change is unavailable", record.name)
+        # A concept is always sampled as its reference was (settings changed since it was learned
+        # apply to the concepts learned after): its output change stays comparable, and a change
+        # of params.yaml never stops evaluation (issue 10, item 7).
+        sampling, concept_resolution = config.evaluate, resolution
+        stored = reference_settings(ref_path) if reference is not None else {}
+        if stored and stored != settings:
+            log.info("%s: sampled with the settings of its reference %s (params.yaml now has %s)", record.name,
+                     stored, settings)
+            sampling = with_sampling_settings(config.evaluate, stored)
+            concept_resolution = stored.get("resolution") or resolution
         real, held = dataset_images(datasets_dir / record.name if datasets_dir else None, config)
         # The newest concept's reference was sampled from exactly these weights moments ago.
         fresh = reference[0] if reference is not None and record.version == cumulative.lineage.version else None
         result = evaluate_concept(cumulative.model, token=record.token, class_noun=record.class_noun,
                                   real_images=real, heldout_images=held, reference=reference,
-                                  config=config.evaluate, judges=judges, resolution=resolution, progress=progress,
+                                  config=sampling, judges=judges, resolution=concept_resolution, progress=progress,
                                   samples=fresh)
         if not real:
             # No dataset at hand (e.g. not pulled): image-alignment metrics cannot be computed.
