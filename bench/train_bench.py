@@ -350,13 +350,12 @@ def job_all_kv(model, args, device, memory: PeakMemory) -> dict:
 
 
 def job_lora(model, args, device, memory: PeakMemory) -> dict:
-    from peft import LoraConfig
+    from world.lora import add_lora
 
     memory.start()
-    # As diffusers' train_dreambooth_lora.py: rank 4, gaussian init, q/k/v/out of every attention.
-    model.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                      target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    params = [p for p in model.unet.parameters() if p.requires_grad]
+    # The project's one LoRA (world/lora.py), placed as diffusers' train_dreambooth_lora.py does:
+    # rank 4 on q/k/v/out of every attention.
+    params = add_lora(model.unet, ["to_k", "to_q", "to_v", "to_out.0"], rank=4)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     return _train_loop(model, params, optimizer, args, device, memory)
 

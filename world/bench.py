@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from cns.config import Config, config_from_dict
 from cns.cumulative import CumulativeModel, open_model
@@ -43,6 +42,7 @@ from cns.neurons import count, empty_mask, row_counts, weights_in
 from cns.train import TrainableToken, finetune
 from world.concepts import write_concept_dirs
 from world.judge import load_judge
+from world.lora import add_lora, lora_deltas, remove_lora
 from world.metrics import attribute_accuracy, base_prompts, concept_agreement, concept_prompts, pair_accuracy, sample
 from world.model import MODEL_DIR
 from world.scene import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, SHAPES, Obj, WorldConcept, caption,
@@ -166,35 +166,19 @@ def cns_config(settings: BenchSettings, work: Path, hyper: Hyper, seed: int, dev
 
 # ---- LoRA on the K/V projections (baselines) --------------------------------------------------
 
-class LoRA(nn.Module):
-    """``W + B A`` on one frozen Linear through a forward hook (B starts at zero)."""
-
-    def __init__(self, linear: nn.Linear, rank: int, generator: torch.Generator) -> None:
-        super().__init__()
-        device = linear.weight.device
-        self.A = nn.Parameter((torch.randn(rank, linear.in_features, generator=generator) / rank).to(device))
-        self.B = nn.Parameter(torch.zeros(linear.out_features, rank, device=device))
-        self.handle = linear.register_forward_hook(lambda m, args, out: out + args[0] @ self.A.T @ self.B.T)
-
-    def delta(self) -> torch.Tensor:
-        return (self.B @ self.A).detach()
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
 def train_lora(cumulative: CumulativeModel, prepared, hyper: Hyper, rank: int, batch_size: int,
                seed: int) -> dict[str, torch.Tensor]:
-    """Train one LoRA per K/V layer and the token row; returns {layer: delta W} (not applied)."""
+    """Train one LoRA (world.lora) on every K/V layer, and the token row; returns {layer: delta W}
+    (not applied; the UNet is left as it was)."""
     from cns.diffusion import diffusion_loss, encode_prompts
 
     model = cumulative.model
-    generator = torch.Generator().manual_seed(seed)
-    loras = {layer.name: LoRA(layer.linear, rank, generator) for layer in cumulative.layers}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # peft draws A from torch's global generator
+        params = add_lora(model.unet, [layer.name for layer in cumulative.layers], rank)
     token = TrainableToken(model.token_embedding, prepared.token_id)
-    optimizer = torch.optim.AdamW([
-        {"params": [p for lora in loras.values() for p in lora.parameters()], "lr": hyper.learning_rate},
-        {"params": [token.row], "lr": hyper.token_learning_rate}], weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": params, "lr": hyper.learning_rate},
+                                   {"params": [token.row], "lr": hyper.token_learning_rate}], weight_decay=0.0)
     try:
         for _ in range(hyper.steps):
             latents, ids = prepared.source.sample(batch_size)
@@ -202,11 +186,11 @@ def train_lora(cumulative: CumulativeModel, prepared, hyper: Hyper, rank: int, b
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        deltas = lora_deltas(model.unet)
     finally:
-        for lora in loras.values():
-            lora.remove()
+        remove_lora(model.unet)
         token.release(model.token_embedding)
-    return {name: lora.delta() for name, lora in loras.items()}
+    return deltas
 
 
 def add_deltas(cumulative: CumulativeModel, deltas: dict[str, torch.Tensor], sign: float = 1.0) -> None:
