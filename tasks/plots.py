@@ -37,11 +37,12 @@ OTHER_COLOUR = "#f0f0f0"
 ANNOTATE_CELLS = 144  # 12 x 12
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = DPI, bbox_inches: str | None = None) -> Path:
+    """A Figure to a PNG on the Agg canvas (no pyplot, no display); the project's one figure saver."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=dpi, bbox_inches=bbox_inches)
     return path
 
 
@@ -95,7 +96,7 @@ def mask_heatmap(masks: dict[str, dict[str, torch.Tensor]], path: str | Path, ti
     bars.set_xlim(0, max(selected + [1]) * 1.3)
     fig.suptitle(f"{title} ({counts['concept']} of {sum(rows.values())} K/V rows)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def forgetting_heatmap(matrix: pd.DataFrame, path: str | Path, title: str = "output change since learned") -> Path:
@@ -128,7 +129,7 @@ def forgetting_heatmap(matrix: pd.DataFrame, path: str | Path, title: str = "out
     fig.colorbar(image, ax=ax, label="mean |pixel change|")
     ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_curve(losses: Sequence[float], path: str | Path, title: str = "training loss") -> Path:
@@ -148,7 +149,7 @@ def loss_curve(losses: Sequence[float], path: str | Path, title: str = "training
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_grid(samples: torch.Tensor, path: str | Path, per_row: int, cell: int | None = None) -> Path:

@@ -43,7 +43,7 @@ from cns.train import TrainableToken, finetune
 from world.concepts import write_concept_dirs
 from world.judge import load_judge
 from world.lora import add_lora, lora_deltas, remove_lora
-from world.metrics import attribute_accuracy, base_prompts, concept_agreement, concept_prompts, pair_accuracy, sample
+from world.metrics import attribute_accuracy, base_prompts, concept_agreement, concept_captions, pair_accuracy, sample
 from world.model import MODEL_DIR
 from world.scene import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, SHAPES, Obj, WorldConcept, caption,
                          concept_training_scenes, load_concepts, random_glyph, render)
@@ -257,7 +257,7 @@ def concept_readings(model, ctx: Context, indices: list[int]) -> list[dict]:
     on the concept and the prompt, so every method and training seed draws from the same noise."""
     prompts, owners, seeds, bgs = [], [], [], []
     for index in indices:
-        for j, (text, bg) in enumerate(concept_prompts(ctx.concepts[index])):
+        for j, (text, bg) in enumerate(concept_captions(ctx.concepts[index])):
             for s in range(ctx.settings.noise_per_background):
                 prompts.append(text)
                 owners.append(index)

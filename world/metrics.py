@@ -55,7 +55,7 @@ def attribute_accuracy(model: DiffusionModel, judge: Judge, triples: list[tuple[
     return {k: float(np.mean(v)) for k, v in ok.items()} | {"samples": len(prompts)}
 
 
-def concept_prompts(concept: WorldConcept, backgrounds: list[str] | None = None) -> list[tuple[str, str]]:
+def concept_captions(concept: WorldConcept, backgrounds: list[str] | None = None) -> list[tuple[str, str]]:
     return [(caption([Obj(concept=concept)], bg), bg) for bg in (backgrounds or list(BACKGROUNDS))]
 
 
@@ -110,7 +110,7 @@ def validate_on_samples(judge: Judge, model: DiffusionModel | str | Path, concep
     vocab = model.tokenizer.get_vocab()
     prompts, owners, seeds = [], [], []
     for k, concept in enumerate(concepts):
-        for j, (text, _) in enumerate(concept_prompts(concept)):
+        for j, (text, _) in enumerate(concept_captions(concept)):
             for s in range(seeds_per_prompt):
                 prompts.append(text)
                 owners.append(k)

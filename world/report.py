@@ -236,9 +236,7 @@ def plot_summary(record: dict, path: Path) -> None:
 
 
 def save_figure(fig, path: Path) -> Path:
-    """A matplotlib Figure to a PNG on the Agg canvas (no pyplot, no display)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """The world's figures: tasks.plots' saver, trimmed to the drawing."""
+    from tasks.plots import save_figure as save
 
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return save(fig, path, dpi=100, bbox_inches="tight")
