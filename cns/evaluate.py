@@ -12,6 +12,7 @@ them those metrics are ``"unavailable"``, never estimated some other way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -103,6 +104,22 @@ def load_reference(path: str | Path, settings: dict[str, Any] | None = None) -> 
         raise CNSError(path, f"made with sampling settings {stored}, not {settings}; re-make the reference",
                        "reference_stale")
     return images, json.loads(metadata["prompts"])
+
+
+def reference_settings(path: str | Path) -> dict[str, Any]:
+    """The sampling settings a reference was made with ({} when it did not record them)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise CNSError(path, f"not a readable reference ({exc})", "reference_invalid") from None
+    return json.loads(metadata.get("settings", "{}"))
+
+
+def with_sampling_settings(config: EvaluateConfig, settings: dict[str, Any]) -> EvaluateConfig:
+    """``config`` with the sampling settings of :func:`sampling_settings` (resolution aside)."""
+    keys = ("seed", "num_inference_steps", "guidance_scale", "num_images_per_prompt")
+    return dataclasses.replace(config, **{k: settings[k] for k in keys if k in settings})
 
 
 # ---- held-out diffusion loss -------------------------------------------------------------------
