@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cns.concept import Concept, ConceptError
+from cns.errors import CNSError
 
 LINEAGE = "lineage.json"
 # The model directory: lineage.json, then one folder per learned concept, concepts/<name>/, holding
@@ -107,7 +108,8 @@ def read_lineage(model_dir: str | Path) -> Lineage | None:
             raise ValueError(f"format {data.get('format')!r}, expected one of {FORMATS}")
         return Lineage.from_json(data)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConceptError(path, f"not a valid lineage ({exc})", "lineage_invalid") from None
+        # The model's fault, not a dataset's: CNSError, so the pipeline never rejects a dataset for it.
+        raise CNSError(path, f"not a valid lineage ({exc})", "lineage_invalid") from None
 
 
 def write_lineage(model_dir: str | Path, lineage: Lineage) -> None:

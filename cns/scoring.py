@@ -66,7 +66,8 @@ def _gradient_scores(model: DiffusionModel, layers: list[KVLayer], source: Conce
 
 
 def taylor_scores(model: DiffusionModel, layers: list[KVLayer], source: ConceptBatchSource,
-                  config: ScoringConfig, mixed_precision: str = "no", progress: bool = True) -> Scores:
+                  config: ScoringConfig, mixed_precision: str = "no", progress: bool = True,
+                  concept_token_ids: list[int] | None = None) -> Scores:
     """First-order Taylor importance of each row: |sum_j W_ij dL/dW_ij| (Molchanov et al. 2019).
 
     It estimates how much the concept's diffusion loss changes if the row is zeroed. Computed per
@@ -78,7 +79,8 @@ def taylor_scores(model: DiffusionModel, layers: list[KVLayer], source: ConceptB
 
 
 def gradient_scores(model: DiffusionModel, layers: list[KVLayer], source: ConceptBatchSource,
-                    config: ScoringConfig, mixed_precision: str = "no", progress: bool = True) -> Scores:
+                    config: ScoringConfig, mixed_precision: str = "no", progress: bool = True,
+                    concept_token_ids: list[int] | None = None) -> Scores:
     """||dL/dW_i|| per row: how fast the concept's loss falls when the row starts to move, the
     benefit of *training* a row (Taylor estimates the effect of zeroing it)."""
     return _gradient_scores(model, layers, source, config, lambda w, g: g.norm(dim=1), "scoring neurons",
@@ -128,12 +130,13 @@ def activation_scores(model: DiffusionModel, layers: list[KVLayer], source: Conc
     return kv_activations(model, layers, ids, positions)
 
 
+# One signature: (model, layers, source, config, mixed_precision, progress, concept_token_ids); the
+# gradient scorers read the concept from the images and prompts, so they ignore the token ids.
 SCORERS: dict[str, Callable[..., Scores]] = {"taylor": taylor_scores, "gradient": gradient_scores,
                                              "activation": activation_scores}
 
 
 def score_neurons(model: DiffusionModel, layers: list[KVLayer], source: ConceptBatchSource, config: ScoringConfig,
                   mixed_precision: str = "no", progress: bool = True, concept_token_ids: list[int] | None = None) -> Scores:
-    scorer = SCORERS[config.scorer]
-    kwargs = {"concept_token_ids": concept_token_ids} if scorer is activation_scores else {}
-    return scorer(model, layers, source, config, mixed_precision=mixed_precision, progress=progress, **kwargs)
+    return SCORERS[config.scorer](model, layers, source, config, mixed_precision=mixed_precision, progress=progress,
+                                  concept_token_ids=concept_token_ids)

@@ -176,3 +176,17 @@ def test_cns_library_imports_no_orchestration_tracking_or_storage_client():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.relative_to(ROOT)} imports {name}"
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"format": 9, "base": {}}', '{"format": 1}'])
+def test_a_corrupt_lineage_is_the_models_error_not_a_datasets(tmp_path, text):
+    """The pipeline rejects a dataset for a ConceptError; a broken lineage must never look like one."""
+    from cns.concept import ConceptError
+    from cns.errors import CNSError
+    from cns.lineage import read_lineage
+
+    (tmp_path / "lineage.json").write_text(text)
+    with pytest.raises(CNSError) as err:
+        read_lineage(tmp_path)
+    assert not isinstance(err.value, ConceptError)
+    assert err.value.code == "lineage_invalid" and "lineage.json" in str(err.value)
