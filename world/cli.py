@@ -29,9 +29,10 @@ def cmd_judge(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from world.model import PretrainConfig, pretrain
+    from world.model import pretrain
+    from world.params import pretrain_config
 
-    config = PretrainConfig()
+    config = pretrain_config(args.params)
     if args.steps:
         config = replace(config, steps=args.steps)
     if args.batch_size:  # e.g. 256 on a GPU, with fewer steps and its own --checkpoint folder
@@ -78,8 +79,9 @@ def cmd_concepts(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from world.bench import BenchSettings, run_benchmark
+    from world.params import bench_settings
 
-    settings = BenchSettings.smoke() if args.smoke else BenchSettings()
+    settings = BenchSettings.smoke() if args.smoke else bench_settings(args.params)
     if args.concepts_count:
         settings.concepts = args.concepts_count
     if args.methods:
@@ -111,8 +113,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=str(JUDGE_DIR))
     p.set_defaults(func=cmd_judge)
     p = wsub.add_parser("pretrain", help="pretrain the world's text-to-image model (resumes from its checkpoint)")
-    p.add_argument("--steps", type=int, default=None, help="default: world.model.PretrainConfig.steps")
-    p.add_argument("--batch-size", type=int, default=None, help="default: world.model.PretrainConfig.batch_size")
+    p.add_argument("--params", default=None, help="default: data/world/params.yaml (world.pretrain)")
+    p.add_argument("--steps", type=int, default=None, help="default: world.pretrain.steps of --params")
+    p.add_argument("--batch-size", type=int, default=None, help="default: world.pretrain.batch_size of --params")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="stop (checkpoint saved) after this much wall clock; run again to resume")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
@@ -138,6 +141,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")
     p = bsub.add_parser("world", help="CNS against the baselines in the benchmark world")
     p.add_argument("--smoke", action="store_true", help="2 concepts, few steps (the test's size)")
+    p.add_argument("--params", default=None, help="default: data/world/params.yaml (world.bench)")
     p.add_argument("--sweep", choices=("tune", "budget"), default=None,
                    help="tune: each method family's learning rates on the validation concepts (-> tuned.json); "
                         "budget: scored vs random/bottom/gradient rows at 2/6/15%% budgets (-> budget.md)")

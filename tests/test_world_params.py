@@ -1,0 +1,70 @@
+"""The benchmark world's settings come from data/world/params.yaml (world/params.py): equal to the
+classes' defaults (so the committed pretraining checkpoint still resumes), strict about unknown
+keys, and listed as DVC params of the world's stages so a change shows in `dvc status`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import asdict
+
+import pytest
+import yaml
+
+from cns.config import ConfigError
+from world.bench import BenchSettings
+from world.model import CHECKPOINT_DIR, PretrainConfig
+from world.params import PARAMS_FILE, bench_settings, pretrain_config
+
+
+def test_the_pretrain_params_are_the_committed_checkpoints_config():
+    assert pretrain_config() == PretrainConfig()
+    state = CHECKPOINT_DIR / "state.json"
+    if state.is_file():
+        assert json.loads(state.read_text())["config"] == asdict(pretrain_config())
+
+
+def test_the_bench_params_are_the_full_runs_defaults():
+    assert bench_settings() == BenchSettings()
+
+
+def test_a_changed_value_is_read_and_an_unknown_key_is_an_error(tmp_path):
+    data = yaml.safe_load(PARAMS_FILE.read_text())
+    data["world"]["pretrain"]["warmup_steps"] = 10
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert pretrain_config(path).warmup_steps == 10
+    data["world"]["pretrain"]["warmup_stepz"] = 10
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="world.pretrain.warmup_stepz"):
+        pretrain_config(path)
+    path.write_text(yaml.safe_dump({"world": {"pretrian": {}}}))
+    with pytest.raises(ConfigError, match="world.pretrian"):
+        bench_settings(path)
+
+
+def test_dvc_sees_a_changed_world_param_in_the_stages_that_read_it(tmp_path):
+    pytest.importorskip("dvc")
+    from dvc.repo import Repo
+
+    world = tmp_path / "data" / "world"
+    world.mkdir(parents=True)
+    shutil.copy(PARAMS_FILE.parent / "dvc.yaml", world / "dvc.yaml")
+    shutil.copy(PARAMS_FILE, world / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    Repo.init(str(tmp_path)).close()
+    with Repo(str(tmp_path)) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+        params = {name: [d for d in stage.deps if type(d).__name__ == "ParamsDependency"]
+                  for name, stage in stages.items()}
+        assert [d.params for d in params["world-pretrain"]] == [["world.pretrain"]]
+        for name in ("world-tune", "bench-world", "world-budget"):
+            assert [d.params for d in params[name]] == [["world.bench"]]
+        (pretrain,) = params["world-pretrain"]
+        pretrain.save()  # as `dvc repro` records it in dvc.lock
+        assert pretrain.status() == {}
+        data = yaml.safe_load((world / "params.yaml").read_text())
+        data["world"]["pretrain"]["seed"] = 1
+        (world / "params.yaml").write_text(yaml.safe_dump(data))
+        assert "world.pretrain" in str(pretrain.status())
