@@ -25,11 +25,21 @@ def _model_dir(args: argparse.Namespace, config) -> Path:
     return Path(args.model_dir or config.model_dir)
 
 
+def _model_lock(args: argparse.Namespace, config):
+    """The model's lock, the one every pipeline pass takes too (``cns.lock``)."""
+    from cns.lock import model_lock
+
+    what = f"cns {getattr(args, 'command', 'learn')}"
+    return model_lock(_model_dir(args, config), config.pipeline.lock_timeout_seconds, what=what)
+
+
 def cmd_learn(args: argparse.Namespace) -> int:
     from cns.learn import learn
 
     config = _config(args)
-    cumulative, record, result = learn(_model_dir(args, config), args.concept_dir, config, progress=not args.quiet)
+    with _model_lock(args, config):
+        cumulative, record, result = learn(_model_dir(args, config), args.concept_dir, config,
+                                           progress=not args.quiet)
     s = record.stats
     print(f"learned '{record.name}' ({record.token}) as model v{record.version} in {_model_dir(args, config)}: "
           f"{s['neurons_total']} neurons, {s['weights_changed']:,} weights ({s['percent_unet_weights']:.4f}% of the "
@@ -42,7 +52,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from cns.forget import forget
 
     config = _config(args)
-    removal = forget(_model_dir(args, config), args.name)
+    with _model_lock(args, config):
+        removal = forget(_model_dir(args, config), args.name)
     rows = removal["record"]["stats"].get("neurons_total", "?")
     print(f"removed '{removal['name']}' ({removal['token']}) as model v{removal['version']} in "
           f"{_model_dir(args, config)}: its {rows} rows are back at their values before it, its token is gone"

@@ -169,6 +169,9 @@ class PipelineConfig:
     # MLflow reserves the alias "latest" (models:/<name>/latest already means the newest
     # version), so each new version gets this alias instead.
     registry_alias: str = "current"
+    # How long a pass, `cns learn` or `cns forget` waits for the model's lock (held by another
+    # writer of the same model) before it gives up with an error naming the holder.
+    lock_timeout_seconds: float = 1800.0
 
 
 @dataclass
@@ -204,6 +207,7 @@ class Config:
         check(self.scoring.num_score_samples >= 1, "scoring.num_score_samples", "must be >= 1")
         check(1 <= self.limits.min_images <= self.limits.max_images, "limits.min_images", "must be between 1 and limits.max_images")
         check("{token}" in self.train.prompt_template, "train.prompt_template", "must contain {token}")
+        check(self.pipeline.lock_timeout_seconds > 0, "pipeline.lock_timeout_seconds", "must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
