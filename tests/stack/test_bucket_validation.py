@@ -3,8 +3,10 @@ rejected/<concept>/<hash>/error.json, and nothing else changes (incoming objects
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +80,33 @@ def build(kind: str, tmp_path, concept: str):
         manifest = {"token": TAKEN_TOKEN, "class_noun": "dog"}
     elif kind == "name_taken":
         manifest = {"name": TAKEN_NAME, "token": "<fresh1>", "class_noun": "dog"}
+    elif kind == "zero_byte_image":
+        extra = {"05.png": b""}
+    elif kind == "truncated_png":  # a real PNG cut off half way (an interrupted upload)
+        extra = {"05.png": png_bytes(size=48)[:1500]}
+    elif kind == "image_1x1":
+        extra = {"05.png": png_bytes(size=1)}
+    elif kind == "svg_named_png":
+        extra = {"05.png": b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" '
+                           b'height="64" fill="red"/></svg>'}
+    elif kind == "html_named_jpg":  # what a browser's "save as" can give
+        extra = {"05.jpg": b"<!DOCTYPE html><html><body><img src='photo.jpg'></body></html>"}
+    elif kind == "gif_animation_named_png":
+        extra = {"05.png": gif_animation_bytes()}
+    elif kind == "manifest_yaml_list":
+        manifest = "- token: <list1>\n- class_noun: dog\n"
+    elif kind == "manifest_empty":
+        manifest = ""
+    elif kind == "token_not_a_string":
+        manifest = {"token": 12345, "class_noun": "dog"}
+    elif kind == "class_noun_empty":
+        manifest = {"token": "<empty1>", "class_noun": "  "}
+    elif kind == "prompt_without_token":
+        manifest = {"token": "<prompt1>", "class_noun": "dog", "prompts": ["a photo of a dog"]}
+    elif kind == "caption_for_a_missing_image":
+        manifest = {"token": "<cap1>", "class_noun": "dog", "captions": {"99.png": "a <cap1> dog"}}
+    elif kind == "non_ascii_folder_name":  # a concept name is lower-case ASCII; the folder gives the default
+        manifest = {"token": "<cafe1>", "class_noun": "dog"}
     directory = make_concept(tmp_path, concept, images=images, manifest=manifest)
     if kind == "image_too_large":
         write_png(directory / "00.png", seed=5, size=120)
@@ -85,7 +114,23 @@ def build(kind: str, tmp_path, concept: str):
         (directory / "concept.yaml").write_bytes(manifest.encode("latin-1"))
     if kind == "name_taken":  # the folder must carry the taken name too, or the name default differs
         directory = directory.rename(directory.parent / TAKEN_NAME)
+    if kind == "non_ascii_folder_name":
+        directory = directory.rename(directory.parent / f"{concept}-caf\u00e9")
     return directory, extra
+
+
+def png_bytes(size: int, seed: int = 3) -> bytes:
+    path = write_png(Path(tempfile.mkdtemp()) / "image.png", seed, size=size)
+    return path.read_bytes()
+
+
+def gif_animation_bytes() -> bytes:
+    from PIL import Image
+
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "green", "blue")]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return out.getvalue()
 
 
 CASES = {  # kind -> expected code
@@ -109,6 +154,19 @@ CASES = {  # kind -> expected code
     "manifest_over_64_kb": "manifest_too_large",
     "token_taken": "token_taken",
     "name_taken": "name_taken",
+    "zero_byte_image": "image_unreadable",
+    "truncated_png": "image_unreadable",
+    "image_1x1": "image_unreadable",
+    "svg_named_png": "image_unreadable",
+    "html_named_jpg": "image_unreadable",
+    "gif_animation_named_png": "image_unreadable",
+    "manifest_yaml_list": "manifest_invalid",
+    "manifest_empty": "manifest_invalid",
+    "token_not_a_string": "manifest_invalid",
+    "class_noun_empty": "manifest_invalid",
+    "prompt_without_token": "manifest_invalid",
+    "caption_for_a_missing_image": "manifest_invalid",
+    "non_ascii_folder_name": "manifest_invalid",
 }
 
 
@@ -137,7 +195,7 @@ def reject_and_check(s3, bucket_name, dataset, model_dir, expected_code):
     assert set(after) - set(before) == {key}
     assert {k: v for k, v in after.items() if k != key} == before
     assert (model_dir / LINEAGE).read_bytes() == lineage_before
-    assert key == f"rejected/{dataset.concept}/{dataset.hash}/error.json"
+    assert key == bucket.error_key(dataset.concept, dataset.hash)  # rejected/<concept, quoted>/<hash>/error.json
     record = json.loads(s3.get_object(Bucket=bucket_name, Key=key)["Body"].read())
     assert record["code"] == expected_code
     assert record["object"].startswith(f"s3://{bucket_name}/incoming/{dataset.concept}")
@@ -152,7 +210,7 @@ def test_bad_dataset_gets_its_error_code_and_changes_nothing(running_stack, tmp_
                                                              kind):
     s3, name = running_stack.client(), running_stack.bucket
     directory, extra = build(kind, tmp_path, concept_name)
-    concept = directory.name if kind == "name_taken" else concept_name
+    concept = directory.name  # the folder's name: the concept's, or the taken or non-ASCII one
     if kind == "name_taken":  # other tests may not reuse the folder: clear what an earlier run left
         for key in snapshot(s3, name):
             if key.startswith(f"incoming/{TAKEN_NAME}/") or key.startswith(f"rejected/{TAKEN_NAME}/"):
@@ -259,6 +317,21 @@ def test_dot_dot_keys_are_refused_by_the_server(running_stack, concept_name):
         with pytest.raises(bucket.client_errors()):
             s3.put_object(Bucket=name, Key=key, Body=b"x")
     assert list(bucket.list_objects(s3, name, f"incoming/{concept_name}/")) == []
+
+
+def test_a_name_over_255_bytes_is_refused_by_the_server_and_by_the_listing_rules(running_stack, tmp_path,
+                                                                                concept_name):
+    """SeaweedFS refuses a 256-byte file name on upload; a server that takes it (AWS keys may be
+    1,024 bytes) gets the dataset rejected from its listing (no name longer than a file name on disk)."""
+    s3, name = running_stack.client(), running_stack.bucket
+    long_name = "k" * 252 + ".png"
+    with pytest.raises(bucket.client_errors()):
+        s3.put_object(Bucket=name, Key=f"incoming/{concept_name}/{long_name}", Body=png_bytes(size=16))
+    upload_raw(s3, name, make_concept(tmp_path / "src", concept_name), concept_name)
+    (dataset,) = bucket.scan(s3, name, limits=LIMITS, lineage=None, concept=concept_name)
+    dataset.objects.append(bucket.S3Object(f"incoming/{concept_name}/{long_name}", dataset.objects[0].etag, 16))
+    problem = bucket.listing_problem(dataset, name, LIMITS)
+    assert problem.code == "key_invalid" and "longer than 255 bytes" in problem.message
 
 
 @pytest.mark.parametrize("odd_key", ["../../escape.png", "../../escape.png/", "a/../../escape.png/", "./00.png"])
