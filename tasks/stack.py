@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -32,10 +33,11 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 DEFAULT_DIR = ".stack"
 DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "prefect": 4200}
-# SeaweedFS opens a gRPC port at each HTTP port + 10000; its internal servers use s3 port + 1..4.
+# SeaweedFS opens a gRPC port at each HTTP port + 10000; its internal servers use s3 port + 1..3.
 GRPC_OFFSET = 10000
-WEED_INTERNAL = ("master", "volume", "filer", "admin")
+WEED_INTERNAL = ("master", "volume", "filer")
 SERVICES = ("s3", "mlflow", "prefect")
+PORT_RELEASE_WAIT = 5.0
 
 
 class StackError(CNSError):
@@ -161,14 +163,10 @@ def _service_command(name: str, config: StackConfig, creds: Credentials) -> tupl
     env = dict(os.environ)
     env.update(AWS_ACCESS_KEY_ID=creds.access_key, AWS_SECRET_ACCESS_KEY=creds.secret_key)
     if name == "s3":
-        port = config.ports["s3"]
-        master, volume, filer, admin = (port + 1 + i for i in range(len(WEED_INTERNAL)))
-        # With AWS_* in its environment `weed mini` creates that identity and refuses anonymous requests.
-        argv = [_executable("weed"), "mini", f"-dir={root / 'seaweedfs'}", f"-ip={HOST}", f"-ip.bind={HOST}",
-                f"-s3.port={port}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-                f"-admin.port={admin}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
-                "-s3.port.lance=0", "-master.telemetry=false"]
-        return argv, env
+        # One process group: a shell starts master and volume in the background and becomes the filer
+        # (with the S3 gateway), so the recorded pid is the gateway's and `down` stops all three.
+        *background, last = (shlex.join(argv) for argv in _weed_commands(config))
+        return ["/bin/sh", "-c", " & ".join(background) + " & exec " + last], env
     if name == "mlflow":
         env.update(MLFLOW_S3_ENDPOINT_URL=config.s3_url, AWS_ENDPOINT_URL_S3=config.s3_url,
                    AWS_DEFAULT_REGION=env.get("AWS_DEFAULT_REGION", "us-east-1"),
@@ -180,7 +178,10 @@ def _service_command(name: str, config: StackConfig, creds: Credentials) -> tupl
         return argv, env
     if name == "prefect":
         env.update(PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}")
+                   PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}",
+                   # Concurrency leases on disk (PREFECT_HOME), not in memory: a slot taken before a
+                   # server restart is still given back by its holder, or freed when its lease expires.
+                   PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem")
         env.pop("PREFECT_API_URL", None)
         argv = [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(config.ports["prefect"]),
                 "--analytics-off"]
@@ -188,9 +189,134 @@ def _service_command(name: str, config: StackConfig, creds: Credentials) -> tupl
     raise ValueError(name)
 
 
-def _health_url(name: str, config: StackConfig) -> str:
-    return {"s3": f"{config.s3_url}/healthz", "mlflow": f"{config.mlflow_url}/health",
-            "prefect": f"{config.prefect_api_url}/health"}[name]
+# ---- SeaweedFS: only the parts S3 needs, every internal door locked -----------------------------
+#
+# `weed mini` also runs an admin server and a worker, serves the filer and volume HTTP APIs with
+# no authentication and opens its gRPC sockets under /tmp at fixed names. Instead: master, volume
+# and filer (+ the S3 gateway in the filer's process) as separate `weed` processes, with
+# <root>/security.toml (read from the working directory) holding per-stack JWT keys for every
+# HTTP data path and mutual TLS for every gRPC port, against a CA made for this stack whose key is
+# thrown away. Table of doors and their tests: docs/reliability.md, "The stack's doors".
+
+# Origins are compared verbatim; `.invalid` can never be a browser's origin, so any request that
+# carries an Origin header (a web page) is refused, and no Access-Control-Allow-Origin is sent.
+NO_CORS_ORIGIN = "https://no-cors.invalid"
+SECURITY_FILE = "security.toml"
+TLS_DIR = "tls"
+
+
+def _weed_ports(config: StackConfig) -> dict[str, int]:
+    port = config.ports["s3"]
+    return {"s3": port, **{name: port + 1 + i for i, name in enumerate(WEED_INTERNAL)}}
+
+
+def _weed_commands(config: StackConfig) -> list[list[str]]:
+    root = config.root.resolve()
+    data, run = root / "seaweedfs", root / "run"
+    p = _weed_ports(config)
+    weed, master = _executable("weed"), f"{HOST}:{p['master']}"
+    common = [f"-ip={HOST}", f"-ip.bind={HOST}"]
+    # The data layout is the one `weed mini -dir=<root>/seaweedfs` used, so an existing stack keeps its bucket.
+    return [
+        [weed, "master", *common, f"-port={p['master']}", f"-mdir={data / ('m' + str(p['master']))}",
+         "-disableHttp", "-telemetry=false", "-volumeSizeLimitMB=128", "-defaultReplication=000",
+         "-electionTimeout=1s"],  # one master, no peers: no reason to wait 10 s to lead after a restart
+        [weed, "volume", *common, f"-port={p['volume']}", f"-dir={data}", f"-master={master}", "-max=0",
+         "-preStopSeconds=1"],
+        [weed, "filer", *common, f"-port={p['filer']}", f"-master={master}", f"-defaultStoreDir={data}",
+         "-disableHttp", f"-localSocket={run / 'filer.sock'}", f"-allowedOrigins={NO_CORS_ORIGIN}",
+         "-exposeDirectoryData=false", "-ui.deleteDir=false", "-webdav=false", "-sftp=false",
+         "-s3", f"-s3.port={p['s3']}", f"-s3.ip.bind={HOST}", f"-s3.localSocket={run / 's3.sock'}",
+         f"-s3.allowedOrigins={NO_CORS_ORIGIN}", "-s3.port.iceberg=0", "-s3.port.lance=0"],
+    ]
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _make_tls(tls: Path) -> None:
+    """A CA for this stack and one certificate for every SeaweedFS server and client; the CA key is
+    never written, so nothing else can be signed by it."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=3650)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"cns stack CA {secrets.token_hex(4)}")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cns-seaweedfs")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _private_dir(tls)
+    _write_private(tls / "weed.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    _write_private(tls / "weed.crt", cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(tls / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
+
+
+def ensure_seaweed_security(root: Path) -> Path:
+    """``<root>/security.toml`` (0600) and ``<root>/tls/``, made once per stack directory and never
+    printed: JWT keys for the volume (reads and writes) and filer (reads and writes) HTTP APIs, mutual
+    TLS on every gRPC port, no CORS, no filer/volume UI."""
+    path = root / SECURITY_FILE
+    if path.is_file() and all((root / TLS_DIR / f).is_file() for f in ("ca.crt", "weed.crt", "weed.key")):
+        return path
+    _make_tls(root / TLS_DIR)
+    # relative to the stack directory, the servers' working directory: the stack can be moved
+    tls = Path(TLS_DIR)
+    cert, key = tls / "weed.crt", tls / "weed.key"
+    q = json.dumps  # a TOML basic string is a JSON string for everything a path can hold
+    lines = ["# made by `cns stack up` for this stack only; keep it private (see docs/reliability.md)",
+             "[cors.allowed_origins]", f'values = "{NO_CORS_ORIGIN}"', "",
+             "[access]", "ui = false", "", "[filer.expose_directory_metadata]", "enabled = false", ""]
+    for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
+        lines += [f"[{section}]", f'key = "{secrets.token_urlsafe(32)}"', "expires_after_seconds = 10", ""]
+    lines += ["[grpc]", f"ca = {q(str(tls / 'ca.crt'))}", ""]
+    for component in ("master", "volume", "filer", "s3", "client"):
+        lines += [f"[grpc.{component}]", f"cert = {q(str(cert))}", f"key = {q(str(key))}", ""]
+    _write_private(path, "\n".join(lines).encode())
+    return path
+
+
+def _health_urls(name: str, config: StackConfig) -> list[str]:
+    if name == "s3":  # the gateway, and a volume server that has reached the master (else reads fail)
+        return [f"{config.s3_url}/healthz", f"http://{HOST}:{_weed_ports(config)['volume']}/healthz"]
+    return [{"mlflow": f"{config.mlflow_url}/health", "prefect": f"{config.prefect_api_url}/health"}[name]]
+
+
+def _service_healthy(name: str, config: StackConfig, timeout: float = 2.0) -> bool:
+    return all(healthy(url, timeout) for url in _health_urls(name, config))
 
 
 def _user_url(name: str, config: StackConfig) -> str:
@@ -307,7 +433,7 @@ def status(config: StackConfig) -> list[ServiceStatus]:
         if record is None:
             result.append(ServiceStatus(name, url, "stopped"))
             continue
-        ok = healthy(_health_url(name, config))
+        ok = _service_healthy(name, config)
         result.append(ServiceStatus(name, url, "running" if ok else "unhealthy", record["pid"],
                                     round(_rss_mb(_group_members(record["pid"])), 1)))
     return result
@@ -319,14 +445,21 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
     Idempotent: a running service is left alone. A port another program holds is an error that
     names the port before anything starts.
     """
-    config.root.mkdir(parents=True, exist_ok=True)
+    _private_dir(config.root)  # keys, TLS files, sockets and data: this user only
     (config.root / "logs").mkdir(exist_ok=True)
     for sub in ("mlflow", "prefect", "seaweedfs"):
         (config.root / sub).mkdir(exist_ok=True)
+    _private_dir(config.root / "run")  # pid records and the filer's and gateway's unix sockets
     creds = credentials(config.root, create=True)
+    ensure_seaweed_security(config.root)
     to_start = [name for name in SERVICES if _read_record(config, name) is None]
     for name in to_start:
         for port in config.service_ports(name):
+            # a killed multi-threaded server reads as exited (its leader thread is a zombie) a moment
+            # before its last thread lets go of its sockets: give such a port a few seconds
+            waited = time.monotonic() + PORT_RELEASE_WAIT
+            while not _port_free(port) and time.monotonic() < waited:
+                time.sleep(0.2)
             if not _port_free(port):
                 raise StackError(f"{HOST}:{port}", f"port is already in use by another program; {name} needs it "
                                  f"(pick another with --{name}-port or CNS_{name.upper()}_PORT)", "port_in_use")
@@ -349,7 +482,7 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
                 log_path = config.root / "logs" / f"{name}.log"
                 raise StackError(log_path, f"{name} exited with code {proc.returncode} while starting: "
                                  f"{_log_tail(log_path)}", "service_failed")
-            if healthy(_health_url(name, config), timeout=1.0):
+            if _service_healthy(name, config, timeout=1.0):
                 pending.remove(name)
                 if proc is not None:
                     log.info("%s healthy after %.1f s", name, timeout - (deadline - time.monotonic()))
@@ -392,26 +525,40 @@ def ensure_bucket(config: StackConfig, creds: Credentials) -> None:
     raise StackError(f"s3://{config.bucket}", f"cannot create the bucket ({err})", "bucket_failed")
 
 
+# A standalone `weed filer` waits out a 15 s gRPC graceful stop for its own metadata subscription,
+# which never ends by itself (`weed mini` shortens that to 1 s; the filer command has no flag). Once
+# the master and the volume server have exited there is nothing left for it to do: what it
+# acknowledged is already written to its store's log, which a killed process does not lose.
+FILER_GRACE = 2.0
+
+
 def down(config: StackConfig, timeout: float = 15.0) -> list[str]:
     """Stop the process groups this stack started (SIGTERM, then SIGKILL after ``timeout``)."""
-    stopped = []
-    for name in reversed(SERVICES):
-        record = _read_record(config, name)
-        if record is None:
-            continue
-        pgid = record["pid"]
-        _signal_group(pgid, signal.SIGTERM)
-        start = time.monotonic()
-        deadline = start + timeout
-        while _group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _group_members(pgid):
-            log.warning("%s did not stop within %.0f s, killing it", name, timeout)
-            _signal_group(pgid, signal.SIGKILL)
-        log.info("stopped %s (pid %d) in %.1f s", name, pgid, time.monotonic() - start)
-        _record_path(config, name).unlink(missing_ok=True)
-        stopped.append(name)
-    return stopped
+    return [name for name in reversed(SERVICES) if stop_service(config, name, timeout)]
+
+
+def stop_service(config: StackConfig, name: str, timeout: float = 15.0) -> bool:
+    """Stop one service's process group if this stack started it (False: it was not running)."""
+    record = _read_record(config, name)
+    if record is None:
+        return False
+    pgid = record["pid"]
+    _signal_group(pgid, signal.SIGTERM)
+    start = time.monotonic()
+    deadline, alone_since = start + timeout, None
+    while (members := _group_members(pgid)) and time.monotonic() < deadline:
+        if name == "s3" and members == [pgid]:  # master and volume server are gone, the filer is not
+            alone_since = alone_since or time.monotonic()
+            if time.monotonic() - alone_since > FILER_GRACE:
+                log.info("the filer is waiting out its gRPC graceful stop; killing it")
+                _signal_group(pgid, signal.SIGKILL)
+        time.sleep(0.1)
+    if _group_members(pgid):
+        log.warning("%s did not stop within %.0f s, killing it", name, timeout)
+        _signal_group(pgid, signal.SIGKILL)
+    log.info("stopped %s (pid %d) in %.1f s", name, pgid, time.monotonic() - start)
+    _record_path(config, name).unlink(missing_ok=True)
+    return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:

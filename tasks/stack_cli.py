@@ -75,7 +75,13 @@ def _up(args) -> int:
     print(f"stack up in {time.monotonic() - start:.1f} s (data in {config.root})")
     _print_status(items)
     print(f"\n# use it from this shell: eval \"$(cns stack env{' --dir ' + shlex.quote(args.dir) if args.dir else ''})\"")
-    _print_env(config, creds)
+    # never the secret here: `up` output ends up in CI logs and terminal scrollback; `env` prints it on demand
+    for key, value in stack.client_env(config, creds, with_secret=False).items():
+        print(f"export {key}={shlex.quote(value)}")
+    if creds and creds.generated:
+        print(f"# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: in {config.root / 'credentials.json'} (cns stack env prints them)")
+    elif creds:
+        print("# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: the ones already in your environment")
     return 0
 
 
