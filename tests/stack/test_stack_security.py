@@ -1,0 +1,376 @@
+"""Every door the stack's SeaweedFS opens, found at runtime from /proc (not from a list of ports),
+and what a local process without the keys gets at each: no bucket data over HTTP, no gRPC without
+the stack's client certificate, no CORS for a web page. With the keys, S3 still works.
+
+The doors and how each is closed: docs/reliability.md, "The stack's doors"."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import os
+import re
+import socket
+import ssl
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from tasks import stack, stack_cli
+
+pytestmark = pytest.mark.stack
+
+SECRET = b"bucket data no one without the keys may read " * 40
+EVIL_ORIGIN = "http://evil.example"
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+
+
+# ---- finding the doors -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Door:
+    kind: str  # "tcp" or "unix"
+    address: str  # "127.0.0.1:8333" or a socket path
+    pid: int
+
+    def connect(self, timeout: float = 2.0) -> socket.socket:
+        if self.kind == "tcp":
+            host, port = self.address.rsplit(":", 1)
+            return socket.create_connection((host, int(port)), timeout=timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(self.address)
+        return sock
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.scandir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd.path)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return inodes
+
+
+def _hex_ip(text: str) -> str:
+    raw = bytes.fromhex(text)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+
+def find_doors(pids: list[int]) -> list[Door]:
+    """Every listening TCP (v4 and v6) and unix stream socket the given processes hold."""
+    doors = []
+    for pid in pids:
+        inodes = _socket_inodes(pid)
+        for table in ("tcp", "tcp6"):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ip, port = fields[1].split(":")
+                    doors.append(Door("tcp", f"{_hex_ip(ip)}:{int(port, 16)}", pid))
+        for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            # Num RefCount Protocol Flags Type St Inode [Path]; flag 0x10000 = accepting connections
+            if fields[6] in inodes and int(fields[3], 16) & 0x10000:
+                doors.append(Door("unix", fields[7] if len(fields) > 7 else "(abstract or unnamed)", pid))
+    return sorted(set(doors), key=lambda d: (d.kind, d.address))
+
+
+def weed_pids(running_stack) -> list[int]:
+    record = stack._read_record(running_stack.config, "s3")
+    assert record is not None, "the session stack's SeaweedFS is not running"
+    return stack._group_members(record["pid"])
+
+
+# ---- talking to a door without keys ------------------------------------------------------------
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def http_request(door: Door, method: str, path: str, body: bytes | None = None,
+                 headers: dict | None = None) -> tuple[int, dict, bytes] | None:
+    """(status, headers, body) of a plain HTTP/1.1 request, or None if the door does not answer
+    HTTP (a TLS-only gRPC port closes the connection or sends no HTTP status line)."""
+    if door.kind == "tcp":
+        host, port = door.address.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    else:
+        conn = _UnixHTTPConnection(door.address, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    except (http.client.HTTPException, OSError):
+        return None
+    finally:
+        conn.close()
+
+
+def _read_some(sock: socket.socket, limit: int = 64) -> bytes:
+    data = b""
+    with contextlib.suppress(OSError, ssl.SSLError):
+        while len(data) < limit:
+            chunk = sock.recv(limit - len(data))
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def _is_h2_settings(data: bytes) -> bool:
+    return len(data) >= 9 and data[3] == 0x04  # frame header: length(3) type(1) flags(1) stream(4)
+
+
+def h2c_answers(door: Door) -> bool:
+    """True if the door speaks HTTP/2 in clear text, i.e. would serve gRPC to anyone."""
+    with contextlib.suppress(OSError), door.connect() as sock:
+        sock.sendall(H2_PREFACE)
+        return _is_h2_settings(_read_some(sock))
+    return False
+
+
+def h2_over_tls_answers(door: Door, cert: tuple[Path, Path] | None) -> bool:
+    """True if a TLS connection (trusting any server) with this client certificate, or none, gets
+    HTTP/2 spoken back: gRPC would be served to whoever holds that certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    if cert is not None:
+        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+    try:
+        with door.connect() as raw, ctx.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(H2_PREFACE)
+            return _is_h2_settings(_read_some(sock))
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def foreign_certificate(directory: Path) -> tuple[Path, Path]:
+    """A client certificate from a CA that is not the stack's (what another local user could make)."""
+
+    stack._make_tls(directory)
+    return directory / "weed.crt", directory / "weed.key"
+
+
+def weed_shell(cwd: Path, home: Path, commands: str, master: str, filer: str, timeout: float) -> str:
+    """Run `weed shell` (SeaweedFS's own gRPC client); with no security.toml in ``cwd``/``home``
+    it connects without a client certificate. Returns what it printed (also on timeout)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEED_")}
+    env["HOME"] = str(home)
+    try:
+        done = subprocess.run([stack._executable("weed"), "shell", f"-master={master}", f"-filer={filer}"],
+                              input=commands, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+        return done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        return (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+
+@dataclass
+class Probe:
+    doors: list[Door]
+    key: str
+    fid: str  # the volume file id of the secret object's one chunk
+    master: str
+    filer: str
+
+
+@pytest.fixture(scope="module")
+def probe(running_stack) -> Probe:
+    """The secret object written with the keys, its chunk's file id (read with the stack's own
+    certificate: the gRPC path works for whoever holds it), and the doors open at that moment."""
+    s3 = running_stack.client()
+    key = "security-probe/secret.bin"
+    s3.put_object(Bucket=running_stack.bucket, Key=key, Body=SECRET)
+    ports = stack._weed_ports(running_stack.config)
+    master, filer = f"{stack.HOST}:{ports['master']}", f"{stack.HOST}:{ports['filer']}"
+    root = running_stack.config.root
+    out = weed_shell(root, root, f"fs.meta.cat /buckets/{running_stack.bucket}/{key}\n", master, filer, 60)
+    fids = re.findall(r'"fileId":\s*"(\d+,[0-9a-f]+)"', out)
+    assert len(fids) == 1, f"the authenticated weed shell did not find the chunk: {out[-2000:]}"
+    doors = find_doors(weed_pids(running_stack))
+    print("\nSeaweedFS doors:", *(f"{d.kind} {d.address} (pid {d.pid})" for d in doors), sep="\n  ")
+    return Probe(doors, key, fids[0], master, filer)
+
+
+# ---- the tests ---------------------------------------------------------------------------------
+
+def test_every_door_is_on_loopback_or_in_the_private_stack_directory(running_stack, probe):
+    root = running_stack.config.root.resolve()
+    tcp = [d for d in probe.doors if d.kind == "tcp"]
+    unix = [d for d in probe.doors if d.kind == "unix"]
+    assert f"{stack.HOST}:{running_stack.config.ports['s3']}" in {d.address for d in tcp}
+    assert all(d.address.startswith(f"{stack.HOST}:") for d in tcp), tcp
+    assert root.stat().st_mode & 0o077 == 0, oct(root.stat().st_mode)
+    for door in unix:
+        path = Path(door.address)
+        assert path.is_relative_to(root), f"{door.address}: a socket outside the stack directory {root}"
+        assert path.parent.stat().st_mode & 0o077 == 0, f"{path.parent} is open to other users"
+
+
+def test_no_door_reads_or_writes_bucket_data_over_http_without_keys(running_stack, probe):
+    bucket, key, fid = running_stack.bucket, probe.key, probe.fid
+    vid = fid.split(",")[0]
+    new_fid = f"{vid},{0x7fffff:x}{0xdeadbeef:08x}"
+    requests = [
+        ("GET", f"/buckets/{bucket}/{key}", None),  # filer path
+        ("GET", f"/buckets/{bucket}/", None),  # filer directory listing
+        ("PUT", f"/buckets/{bucket}/intruder-filer.txt", b"intruder"),
+        ("POST", f"/buckets/{bucket}/intruder-filer-post.txt", b"intruder"),
+        ("DELETE", f"/buckets/{bucket}/{key}", None),
+        ("GET", f"/{fid}", None),  # volume read of the real chunk
+        ("GET", f"/{vid}/{fid.split(',')[1]}", None),
+        ("POST", f"/{new_fid}", b"intruder"),  # volume write
+        ("DELETE", f"/{fid}", None),
+        ("GET", "/dir/assign", None),  # master: a file id plus a write token
+        ("POST", "/dir/assign", None),
+        ("GET", f"/dir/lookup?volumeId={vid}", None),
+        ("GET", f"/{bucket}/{key}", None),  # S3 path, unsigned
+        ("PUT", f"/{bucket}/intruder-s3.txt", b"intruder"),
+    ]
+    answers = {}
+    for door in probe.doors:
+        for method, path, body in requests:
+            result = http_request(door, method, path, body)
+            answers[(door.address, method, path)] = result and result[0]
+            if result is None:
+                continue  # not an HTTP door: the gRPC test covers it
+            status, _, text = result
+            assert SECRET[:40] not in text, f"{method} {door.address}{path} returned bucket data"
+            assert status >= 400, f"{method} {door.address}{path} answered {status} without keys: {text[:200]!r}"
+    print("\nHTTP without keys (None: not HTTP):", *(f"{k[0]} {k[1]} {k[2]} -> {v}" for k, v in answers.items()),
+          sep="\n  ")
+    s3 = running_stack.client()
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == SECRET
+    listed = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+    assert not {k for k in listed if "intruder" in k}, listed
+
+
+def test_no_door_serves_grpc_without_the_stack_certificate(running_stack, probe, tmp_path):
+    tls = running_stack.config.root / stack.TLS_DIR
+    own = (tls / "weed.crt", tls / "weed.key")
+    foreign = foreign_certificate(tmp_path / "foreign")
+    grpc_doors = []
+    for door in probe.doors:
+        assert not h2c_answers(door), f"{door.address} serves HTTP/2 (gRPC) in clear text to anyone"
+        assert not h2_over_tls_answers(door, None), f"{door.address} serves HTTP/2 over TLS without a client certificate"
+        assert not h2_over_tls_answers(door, foreign), f"{door.address} accepts a certificate from another CA"
+        if h2_over_tls_answers(door, own):
+            grpc_doors.append(door.address)
+    print("\ngRPC doors (HTTP/2 over TLS with the stack's certificate only):", *grpc_doors, sep="\n  ")
+    # The probe can see an open gRPC door: with the stack's certificate, master, volume, filer and the
+    # S3 gateway answer; without it, none does.
+    assert len(grpc_doors) >= 3, grpc_doors
+
+
+def test_seaweedfs_own_client_without_the_certificate_cannot_read_or_write(running_stack, probe):
+    bucket = running_stack.bucket
+    with tempfile.TemporaryDirectory() as clean:
+        out = weed_shell(Path(clean), Path(clean), f"fs.meta.cat /buckets/{bucket}/{probe.key}\n"
+                         f"fs.mkdir /buckets/{bucket}/intruder-grpc\n", probe.master, probe.filer, 20)
+    assert probe.fid not in out and "fileId" not in out, out[-2000:]
+    root = running_stack.config.root
+    out = weed_shell(root, root, f"fs.ls /buckets/{bucket}/\n", probe.master, probe.filer, 60)
+    assert "security-probe" in out, out[-2000:]  # the authenticated listing works ...
+    assert "intruder-grpc" not in out  # ... and shows nothing written without the certificate
+
+
+def test_no_door_lets_a_web_page_at_bucket_data(running_stack, probe):
+    """A page in the browser sends an Origin header. The S3 gateway sends no CORS headers for the
+    bucket; the volume server (and the gateway's 405 for a path it does not route) always add
+    ``Access-Control-Allow-Origin: *`` (hard-coded in SeaweedFS), so there the test is that all a
+    page can see is the refusal."""
+    bucket = running_stack.bucket
+    s3_door = f"{stack.HOST}:{running_stack.config.ports['s3']}"
+    seen = {}
+    for door in probe.doors:
+        for method, path in (("OPTIONS", f"/{bucket}/{probe.key}"), ("GET", f"/{bucket}/{probe.key}"),
+                             ("GET", f"/buckets/{bucket}/{probe.key}"), ("GET", f"/{probe.fid}"),
+                             ("PUT", f"/{bucket}/intruder-web.txt"), ("POST", f"/{probe.fid}")):
+            result = http_request(door, method, path, body=b"intruder" if method in ("PUT", "POST") else None,
+                                  headers={"Origin": EVIL_ORIGIN, "Access-Control-Request-Method": "PUT"})
+            if result is None:
+                continue
+            status, headers, body = result
+            allowed = headers.get("access-control-allow-origin")
+            seen[(door.address, method, path)] = (status, allowed)
+            assert SECRET[:40] not in body
+            if door.address == s3_door and path.startswith(f"/{bucket}/"):
+                assert allowed is None, (door.address, method, path, status, headers)  # -s3.allowedOrigins
+            elif allowed is not None and method != "OPTIONS":
+                assert status >= 400, (door.address, method, path, status, body[:200])
+    print("\nwith Origin (status, Access-Control-Allow-Origin):", *(f"{k} -> {v}" for k, v in seen.items()),
+          sep="\n  ")
+
+
+def test_s3_with_keys_works_and_without_keys_is_refused(running_stack, probe):
+    s3 = running_stack.client()
+    assert s3.get_object(Bucket=running_stack.bucket, Key=probe.key)["Body"].read() == SECRET
+    anonymous = boto3.client("s3", endpoint_url=running_stack.config.s3_url, region_name="us-east-1",
+                             config=Config(signature_version=UNSIGNED))
+    for call in (lambda: anonymous.get_object(Bucket=running_stack.bucket, Key=probe.key),
+                 lambda: anonymous.put_object(Bucket=running_stack.bucket, Key="intruder-anon.txt", Body=b"x"),
+                 lambda: anonymous.list_objects_v2(Bucket=running_stack.bucket)):
+        with pytest.raises(ClientError) as exc:
+            call()
+        assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_stack_directory_is_private_and_up_prints_no_secret(running_stack, capsys):
+    root = running_stack.config.root
+    for path in (root, root / "run", root / stack.TLS_DIR):
+        assert path.stat().st_mode & 0o077 == 0, f"{path}: {oct(path.stat().st_mode)}"
+    for path in (root / stack.SECURITY_FILE, root / "credentials.json", *(root / stack.TLS_DIR).iterdir()):
+        assert path.stat().st_mode & 0o077 == 0, f"{path}: {oct(path.stat().st_mode)}"
+    parser = argparse.ArgumentParser(prog="cns")
+    stack_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["stack", "up", "--dir", str(root)])
+    capsys.readouterr()
+    assert args.func(args) == 0  # already running: prints the status and what to export
+    printed = capsys.readouterr().out
+    jwt_keys = re.findall(r'key = "([A-Za-z0-9_-]{40,})"', (root / stack.SECURITY_FILE).read_text())
+    assert len(jwt_keys) == 4
+    assert running_stack.creds.secret_key not in printed, printed
+    logs = "".join(p.read_text(errors="replace") for p in (root / "logs").iterdir())
+    for secret in (*jwt_keys, (root / stack.TLS_DIR / "weed.key").read_text().splitlines()[1]):
+        assert secret not in printed and secret not in logs
+    assert running_stack.creds.secret_key not in logs
+
+
+def test_mlflow_artifact_proxy_reaches_only_the_mlflow_prefix(running_stack):
+    """Not closed (docs/reliability.md, "The stack's doors"): MLflow serves artifacts without
+    authentication and writes them with the stack's keys. What bounds it: paths that leave
+    ``s3://<bucket>/mlflow/`` are refused."""
+    base = f"{running_stack.config.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/"
+    s3 = running_stack.client()
+    s3.put_object(Bucket=running_stack.bucket, Key="incoming/proxy-probe/concept.yaml", Body=b"name: proxy-probe")
+    for method, path in (("GET", "../incoming/proxy-probe/concept.yaml"), ("PUT", "../incoming/proxy-probe/evil.txt"),
+                         ("GET", "..%2Fincoming%2Fproxy-probe%2Fconcept.yaml"), ("PUT", "%2E%2E/dvc/evil.txt")):
+        request = urllib.request.Request(base + path, method=method, data=b"x" if method == "PUT" else None)
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(request, timeout=30)
+        assert exc.value.code == 400, (method, path)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=running_stack.bucket).get("Contents", [])}
+    assert not {k for k in keys if "evil" in k}, keys
