@@ -30,13 +30,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     drop = sub.add_parser("drop", help="upload a concept directory to the bucket (images first, concept.yaml last)")
     drop.add_argument("directory", help="local concept directory (images + concept.yaml)")
-    drop.add_argument("--config", default="params.yaml", help="limits come from this config (default params.yaml)")
+    drop.add_argument("--workspace", help="the workspace whose params.yaml holds the limits (default: "
+                                           "$CNS_WORKSPACE or the current directory, if it is one)")
+    drop.add_argument("--config", help="take the limits from this config file instead of the workspace's")
     drop.set_defaults(func=_drop)
 
     datasets = sub.add_parser("datasets", help="list the bucket's datasets with hash and state")
     datasets.add_argument("--state", choices=("pending", "learned", "rejected", "incomplete", "settling"),
                           help="only datasets in this state")
-    datasets.add_argument("--config", default="params.yaml", help="limits and model_dir (default params.yaml)")
+    datasets.add_argument("--workspace", help="the workspace whose params.yaml and model say what is learned "
+                                               "(default: $CNS_WORKSPACE or the current directory, if it is one)")
+    datasets.add_argument("--config", help="take the limits from this config file instead of the workspace's")
     datasets.add_argument("--json", action="store_true", help="machine-readable output")
     datasets.set_defaults(func=_datasets)
 
@@ -114,24 +118,42 @@ def _env(args) -> int:
 
 # ---- bucket ------------------------------------------------------------------------------------
 
-def _drop(args) -> int:
+def _settings(args):
+    """(config, model directory) of the workspace (``--workspace``, ``$CNS_WORKSPACE``, or the current
+    directory if it is one), never of whatever directory the command runs in; ``--config`` replaces
+    the workspace's params.yaml. Outside any workspace: the defaults, and no model."""
+    import os
+    from pathlib import Path
+
     from cns.config import load_config
+    from tasks.versioning import WorkspaceError, open_workspace
+
+    try:
+        ws = open_workspace(args.workspace)
+    except WorkspaceError:
+        if args.workspace or os.environ.get("CNS_WORKSPACE"):
+            raise
+        ws = None
+    config = load_config(args.config) if args.config else ws.config() if ws else load_config(None)
+    return config, (ws.model_dir if ws else Path(config.model_dir))
+
+
+def _drop(args) -> int:
     from tasks import bucket, s3
 
-    config = load_config(args.config)
+    config, _ = _settings(args)
     name, digest = bucket.drop(s3.client(), s3.bucket_name(), args.directory, limits=config.limits)
     print(f"dropped s3://{s3.bucket_name()}/incoming/{name}/ (dataset hash {digest})")
     return 0
 
 
 def _datasets(args) -> int:
-    from cns.config import load_config
     from cns.lineage import read_lineage
     from tasks import bucket, s3
 
-    config = load_config(args.config)
+    config, model_dir = _settings(args)
     client, name = s3.client(), s3.bucket_name()
-    found = bucket.scan(client, name, limits=config.limits, lineage=read_lineage(config.model_dir),
+    found = bucket.scan(client, name, limits=config.limits, lineage=read_lineage(model_dir),
                         cache=bucket.HashCache(bucket.default_cache_path(client, name)))
     found = [d for d in found if args.state in (None, d.state)]
     rows = []

@@ -111,7 +111,19 @@ def start_concept_run(config: Config, *, concept: str, token: str, class_noun: s
     client = _client()
     tags = {STATE: "running", VERSION: str(version), "cns.concept": concept, "cns.dataset_hash": dataset_hash,
             "git.commit": code_commit(), "mlflow.runName": f"v{version} {concept}", **prefect_tags()}
-    run = client.create_run(experiment_id(config.pipeline.model_name), tags=tags)
+    experiment = experiment_id(config.pipeline.model_name)
+    # A retry (the task's, after the run was created and a later call failed) takes up the run
+    # the first attempt made: one run per version, never an orphan that a later recovery would
+    # register as that version. Runs of an earlier pass are closed by then (recover).
+    earlier = client.search_runs([experiment], f"tags.`{STATE}` = 'running' and tags.`{VERSION}` = '{version}' "
+                                 f"and tags.`cns.dataset_hash` = '{dataset_hash}'", max_results=1)
+    if not earlier:
+        run = client.create_run(experiment, tags=tags)
+    else:
+        run = earlier[0]
+        log.info("taking up run %s of %s (model v%d), made by an earlier attempt", run.info.run_id, concept, version)
+        for key, value in tags.items():
+            client.set_tag(run.info.run_id, key, value)
     params = flatten(config.to_dict())
     params.update({"concept.name": concept, "concept.token": token, "concept.class_noun": class_noun,
                    "dataset.hash": dataset_hash, "dataset.uri": dataset_uri, "base_model": base})
@@ -218,6 +230,17 @@ def register_version(config: Config, run_id: str, version: int, tags: dict[str, 
     client.set_tag(run_id, STATE, "complete")
     client.set_terminated(run_id, "FINISHED")
     return str(model_version)
+
+
+def registered_run(config: Config, version: int) -> str | None:
+    """The run whose registry version holds model v``version``, if one was registered."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = _client().search_model_versions(f"name='{config.pipeline.model_name}'")
+    except MlflowException:
+        return None
+    return next((v.run_id for v in found if v.tags.get("model_version") == str(version)), None)
 
 
 def unfinished_runs(config: Config) -> list:
