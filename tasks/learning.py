@@ -315,7 +315,7 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
     import json
 
     from cns.delta import load_masks
-    from tasks import plots
+    from tasks import plots, serving
 
     tracking.log_metrics(run_id, {**version_metrics(record, prepared, result),
                                   **evaluation.flat_metrics()})
@@ -339,8 +339,7 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
                                    record.version)
         (out / "plots").mkdir()
         plots.loss_curve(result.losses, out / "plots" / "loss.png", title=f"training loss: {record.name}")
-        (out / "model").mkdir()
-        shutil.copy(ws.model_dir / "lineage.json", out / "model" / "lineage.json")
+        serving.save_model(ws.model_dir, out / "model", config)  # the registry version's MLflow model
         (out / "model" / "README.md").write_text(
             f"Model version {record.version} ({record.name}). The weights are versioned with DVC: in the "
             f"workspace, `git checkout {versioning.TAG_PREFIX}{record.version} && dvc pull`.\n")
@@ -410,6 +409,8 @@ def log_forget_run(ws: Workspace, config: Config, run_id: str, removal: dict, ev
     forgetting history, the removal record and the new lineage."""
     import json
 
+    from tasks import serving
+
     tracking.log_metrics(run_id, {**evaluation.flat_metrics(),
                                   "removal/rows_kept_by_later_concepts": removal["rows_kept_by_later_concepts"],
                                   "removal/concepts_left": len(read_lineage(ws.model_dir).concepts)})
@@ -420,8 +421,7 @@ def log_forget_run(ws: Workspace, config: Config, run_id: str, removal: dict, ev
                                                                               f"forgot {removal['name']})")
             tracking.log_sample_images(run_id, {n: out / "samples" / f"{n}.png" for n in evaluation.samples},
                                        removal["version"])
-        (out / "model").mkdir()
-        shutil.copy(ws.model_dir / "lineage.json", out / "model" / "lineage.json")
+        serving.save_model(ws.model_dir, out / "model", config)  # the registry version's MLflow model
         (out / "model" / "removal.json").write_text(json.dumps(removal, indent=2))
         (out / "model" / "README.md").write_text(
             f"Model version {removal['version']}: {removal['name']} ({removal['token']}) removed. The weights are "

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAG_PREFIX = "model-v"
+# The model as a DVC artifact (dvc.yaml `artifacts:`): each version also gets the annotated tag
+# `model@v<N>.0.0` that `dvc artifacts get <workspace> model --rev v<N>.0.0` resolves (GTO's
+# tag format: semver, annotated; DVC ignores lightweight tags like model-vN).
+ARTIFACT = "model"
 REMOTE = "storage"
 METRICS = "metrics"
 # What a version commits to git besides its dataset's .dvc file; a rollback restores all but
@@ -180,12 +184,32 @@ def commit_and_tag(ws: Workspace, record: ConceptRecord, action: str = "learn",
     version = record.version if version is None else version
     tag = f"{TAG_PREFIX}{version}"
     if git(ws, "tag", "--list", tag):  # a retry after the tag was made
+        tag_artifact_versions(ws)
         return {"commit": git(ws, "rev-list", "-n", "1", tag), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
     paths = [p for p in (*TRACKED, f"data/concepts/{record.name}.dvc") if (ws.root / p).exists()]
     git(ws, "add", "--", *paths)
     git(ws, "commit", "-q", "-m", f"model v{version}: {action} {record.name}", "--", *paths)
     git(ws, "tag", tag)
+    tag_artifact_versions(ws)
     return {"commit": git(ws, "rev-parse", "HEAD"), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
+
+
+def artifact_tag(version: int) -> str:
+    return f"{ARTIFACT}@v{version}.0.0"
+
+
+def tag_artifact_versions(ws: Workspace) -> list[str]:
+    """Give every version tag ``model-vN`` its artifact tag ``model@vN.0.0`` where it has none yet
+    (idempotent: a tag missed by a crash between the two is made with the next version's)."""
+    have = set(git(ws, "tag", "--list", f"{ARTIFACT}@v*").split())
+    made = []
+    for tag in git(ws, "tag", "--list", f"{TAG_PREFIX}*").split():
+        match = re.fullmatch(rf"{TAG_PREFIX}(\d+)", tag)
+        if match and artifact_tag(int(match.group(1))) not in have:
+            made.append(artifact_tag(int(match.group(1))))
+            git(ws, "tag", "-a", made[-1], "-m", f"Registering artifact {ARTIFACT} version v{match.group(1)}.0.0",
+                f"{tag}^{{commit}}")
+    return made
 
 
 def clear_stale_git_locks(ws: Workspace) -> list[str]:
@@ -223,6 +247,7 @@ def complete_untagged_version(ws: Workspace) -> int | None:
     version = int(match.group(1))
     log.warning("completing model v%d: its commit was made, its tag was not", version)
     git(ws, "tag", f"{TAG_PREFIX}{version}", "HEAD")
+    tag_artifact_versions(ws)
     return version
 
 

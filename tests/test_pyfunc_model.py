@@ -1,0 +1,71 @@
+"""A model directory saved as an MLflow pyfunc (tasks.serving) loads as base + deltas and returns
+the images the library generates, as base64 PNGs; its artifacts are the lineage and deltas only."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+
+from cns_testing import ROOT
+
+mlflow = pytest.importorskip("mlflow")
+
+
+@pytest.fixture(scope="module")
+def saved(two_concepts, tmp_path_factory):
+    from tasks.serving import save_model
+
+    return save_model(two_concepts.model_dir, tmp_path_factory.mktemp("pyfunc") / "model", two_concepts.config)
+
+
+def _decode(text: str):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
+
+
+def test_the_saved_model_holds_the_lineage_and_deltas_but_not_the_base(saved, two_concepts):
+    files = {p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()}
+    assert {"MLmodel", "lineage.json", "artifacts/model_dir/lineage.json"} <= files
+    for record in two_concepts.records:
+        assert f"artifacts/model_dir/{record.delta}" in files
+    assert not any(name.endswith(("mask.safetensors", ".bin", ".pkl")) for name in files)  # no base, no pickle
+    assert sum(p.stat().st_size for p in saved.rglob("*") if p.is_file()) < 2_000_000
+
+
+def test_the_pyfunc_returns_the_librarys_images_as_base64_pngs(saved, two_concepts):
+    import numpy as np
+    import pandas as pd
+
+    from cns.config import GenerateConfig
+    from cns.generate import generate
+
+    model = mlflow.pyfunc.load_model(str(saved))
+    tokens = [r.token for r in two_concepts.records]
+    prompts = [f"a photo of a {tokens[0]} dog", f"a {tokens[1]} cat next to a {tokens[0]} dog"]
+    out = model.predict(pd.DataFrame({"prompt": prompts}), params={"seed": 3, "num_inference_steps": 2,
+                                                                    "num_images_per_prompt": 2})
+    assert list(out.columns) == ["prompt", "image_index", "image"]
+    assert list(out["prompt"]) == [prompts[0], prompts[0], prompts[1], prompts[1]]
+    expected = generate(two_concepts.cumulative.model, prompts,
+                        GenerateConfig(num_inference_steps=2, num_images_per_prompt=2, seed=3,
+                                       guidance_scale=two_concepts.config.generate.guidance_scale), progress=False)
+    for (_, row), image in zip(out.iterrows(), [im for images in expected for im in images]):
+        assert np.array_equal(_decode(row["image"]), np.asarray(image.convert("RGB")))
+
+
+def test_an_unknown_token_is_a_bad_request_not_a_crash(saved):
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(str(saved))
+    with pytest.raises(MlflowException, match="not learned") as caught:
+        model.predict(pd.DataFrame({"prompt": ["a photo of a <nobody> dog"]}))
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_the_serving_class_lives_outside_the_library():
+    assert "mlflow" not in "".join(p.read_text() for p in (ROOT / "cns").glob("*.py"))
