@@ -30,9 +30,12 @@ BIN = Path(sys.executable).parent
 FAST = {"train": {"max_train_steps": 10}, "scoring": {"num_score_samples": 4, "score_batch_size": 2},
         "evaluate": {"num_inference_steps": 2, "num_images_per_prompt": 1, "loss_draws": 2}}
 CONCEPTS = ("first", "second")
-# Target: 30 s from a cold `mlflow models serve` to the first image (issue 11). The bound is loose
-# because the test shares 2 loaded cores with the stack's servers and other test processes.
+# Target: 30 s from a cold `mlflow models serve` to the first image (issue 11). The wall-clock bound
+# is loose because the test shares 2 loaded cores with the stack's servers and other test
+# processes; the target is checked on the CPU time the server's processes spent until then (their
+# work runs one process after the other, so on an idle machine that is about the wall time).
 COLD_SERVE_BOUND = 180.0
+COLD_SERVE_TARGET = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _cpu_seconds(group: int) -> float:
+    """CPU time (user + system, with reaped children) of the processes in process group ``group``."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group:
+                ticks += sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _post(url: str, body: dict, timeout: float) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -123,13 +140,14 @@ def test_mlflow_models_serve_answers_an_invocation_with_images_from_a_cold_start
                 answer = _post(f"http://127.0.0.1:{port}/invocations", body, timeout=120)
             except (ConnectionError, urllib.error.URLError):
                 time.sleep(0.25)
-        seconds = time.monotonic() - start
-        print(f"\ncold `mlflow models serve` to the first image: {seconds:.1f} s")
+        seconds, cpu = time.monotonic() - start, _cpu_seconds(server.pid)
+        print(f"\ncold `mlflow models serve` to the first image: {seconds:.1f} s ({cpu:.1f} s of CPU)")
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
         log.close()
+    assert cpu <= COLD_SERVE_TARGET
     (row,) = answer["predictions"]
     assert row["prompt"] == _prompt() and row["image_index"] == 0
     served = _decode(row["image"])
