@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from cns_testing import ROOT
+import cns_testing  # noqa: F401  (offline, one torch thread)
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -65,7 +65,3 @@ def test_an_unknown_token_is_a_bad_request_not_a_crash(saved):
     with pytest.raises(MlflowException, match="not learned") as caught:
         model.predict(pd.DataFrame({"prompt": ["a photo of a <nobody> dog"]}))
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
-
-
-def test_the_serving_class_lives_outside_the_library():
-    assert "mlflow" not in "".join(p.read_text() for p in (ROOT / "cns").glob("*.py"))
