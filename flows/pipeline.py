@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 
 from cns.lineage import read_lineage
 from tasks import learning as t
-from tasks.versioning import Workspace, open_workspace
+from tasks.versioning import Workspace, begin_version, open_workspace
 
 
 @flow(name="personalize", flow_run_name="personalize-{concept}")
@@ -49,6 +49,7 @@ def _learn(ws: Workspace, config, dataset) -> dict:
         return {"concept": dataset.concept, "outcome": "rejected", "code": problem}
     model = t.load_model(ws, config)
     run_id = t.start_run(config, concept, dataset, model.lineage.version + 1)
+    begin_version(ws, model.lineage.version + 1)  # from here the next pass may roll data/model back
     try:
         prepared, general = t.prepare_concept(model, concept, config)
         scores, selection = t.score_neurons(model, prepared, general, config)
@@ -152,6 +153,7 @@ def _forget(ws: Workspace, config, concept: str) -> dict:
     """The steps of one removal; the caller holds the lineage lock. A failure leaves the
     uncommitted removal to the next pass's recovery (rolled back, its run marked rolled back)."""
     logger = get_run_logger()
+    begin_version(ws, read_lineage(ws.model_dir).version + 1)
     removal = t.forget_concept(ws, concept)
     try:
         run_id = t.start_forget_run(config, removal)

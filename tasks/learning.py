@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
+import re
 import resource
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from prefect import task
@@ -25,12 +26,14 @@ from prefect.cache_policies import NO_CACHE
 from cns.concept import Concept, ConceptError
 from cns.config import Config
 from cns.errors import CNSError
+from cns.lock import LockTimeout, model_lock
 from cns.cumulative import CumulativeModel, open_model
 from cns.evaluate import load_judges
 from cns import learn as steps
 from cns.lineage import ConceptRecord, read_lineage
 from cns.report import ModelEvaluation, evaluate_model, write_metrics
 from tasks import bucket, s3, tracking, versioning
+from tasks.faults import fault_point
 from tasks.versioning import Workspace
 
 log = logging.getLogger(__name__)
@@ -51,14 +54,17 @@ def ensure_limits(config: Config) -> bool:
     """Create the lineage lock (1 slot) and the ``gpu`` tag limit on the Prefect server, if any."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     try:
         with get_client(sync_client=True) as client:
             try:
                 client.read_global_concurrency_limit_by_name(lock_name(config))
             except ObjectNotFound:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=lock_name(config), limit=1))
+                # Two workers starting at once both find none; the second create is a conflict.
+                with contextlib.suppress(ObjectAlreadyExists):
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=lock_name(config),
+                                                                                        limit=1))
             client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=config.pipeline.gpu_task_concurrency)
     except (OSError, RuntimeError) as exc:  # no server reachable: the file lock still serializes
         log.warning("could not set Prefect concurrency limits: %s", exc)
@@ -68,21 +74,62 @@ def ensure_limits(config: Config) -> bool:
 
 @contextlib.contextmanager
 def lineage_lock(ws: Workspace, config: Config, timeout_seconds: float | None = None):
-    """One writer per lineage: a file lock (any process on this machine, with or without a
-    Prefect server) inside the Prefect global concurrency limit (workers sharing a server)."""
+    """One writer per lineage: the model's file lock (``cns.lock``: any process on this machine,
+    ``cns learn`` and ``cns forget`` included, with or without a Prefect server) inside the Prefect
+    global concurrency limit (workers sharing a server). Each wait gives up after
+    ``timeout_seconds`` (default ``pipeline.lock_timeout_seconds``) with a LockTimeout naming the
+    lock and its holder."""
     from prefect.concurrency.sync import concurrency
 
+    timeout = config.pipeline.lock_timeout_seconds if timeout_seconds is None else timeout_seconds
     if lock_name(config) not in _LIMITS_READY and ensure_limits(config):
         _LIMITS_READY.add(lock_name(config))
-    with open(ws.root / ".cns.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with model_lock(ws.model_dir, timeout, what=f"cns pipeline, {_flow_run_label()}") as killed_holder, \
+            contextlib.ExitStack() as held:
+        if killed_holder:
+            mark_crashed(killed_holder)
         try:
             # A 60 s lease (the shortest Prefect allows), renewed while held: a killed holder
             # frees the lineage within about a minute.
-            with concurrency(lock_name(config), occupy=1, timeout_seconds=timeout_seconds, lease_duration=60):
-                yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            held.enter_context(concurrency(lock_name(config), occupy=1, timeout_seconds=timeout, lease_duration=60))
+        except TimeoutError:
+            raise LockTimeout(f"Prefect global concurrency limit {lock_name(config)}",
+                              f"no slot free after {timeout:g} s: another worker holds it (see Concurrency in the "
+                              "Prefect UI), or a slot was left taken; free it with `prefect gcl update "
+                              f"{lock_name(config)} --active-slots 0` once no pass runs") from None
+        yield
+
+
+def _flow_run_label() -> str:
+    from prefect.runtime import flow_run
+
+    return f"flow run {flow_run.name} ({flow_run.id})" if flow_run.id else "no flow run"
+
+
+def mark_crashed(holder: str) -> str | None:
+    """Set Crashed the Prefect flow run of a pass that was killed while it held the lineage
+    (``holder``: the line it left in the lock file), if it still reads Running or Pending: nothing
+    else ever would, as Prefect does not watch a flow run's process. Returns its id, or None."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+    from prefect.states import Crashed
+
+    match = re.search(r"flow run \S+ \(([0-9a-f-]{36})\)", holder)
+    if not match:
+        return None
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(uuid.UUID(match.group(1)))
+            if run.state is None or not (run.state.is_running() or run.state.is_pending()):
+                return None
+            client.set_flow_run_state(run.id, Crashed(message=f"its process was killed while it held the lineage "
+                                                              f"({holder}); the next pass recovered the workspace"),
+                                      force=True)
+    except (ObjectNotFound, PrefectHTTPStatusError, OSError, RuntimeError) as exc:
+        log.warning("could not mark the flow run of a killed pass Crashed (%s): %s", holder, exc)
+        return None
+    log.warning("flow run %s was left %s by a killed process: marked Crashed", run.name, run.state.name)
+    return str(run.id)
 
 
 # ---- the model of this flow run ---------------------------------------------------------------
@@ -117,8 +164,17 @@ def recover(ws: Workspace, config: Config) -> dict:
     completed, rolled_back = [], []
     for run in tracking.unfinished_runs(config):
         version = int(run.data.tags.get(tracking.VERSION, 0))
-        if 0 < version <= committed:
-            tracking.register_version(config, run.info.run_id, version, version_tags(ws, version))
+        owner = tracking.registered_run(config, version) if 0 < version <= committed else None
+        if owner not in (None, run.info.run_id):  # an orphan of a retried start: never the version's run
+            tracking.mark_rolled_back(run.info.run_id, f"model v{version} is run {owner}'s; this one is a duplicate")
+            rolled_back.append(run.info.run_id)
+        elif 0 < version <= committed:
+            tags = version_tags(ws, version)
+            # What the register task sets first (a kill after the tag skipped it): the run's links.
+            tracking.set_tags(run.info.run_id, {"cns.git_tag": tags["git_tag"],
+                                                "cns.workspace_commit": tags["workspace_commit"],
+                                                "cns.dvc_hash": tags["dvc_hash"]})
+            tracking.register_version(config, run.info.run_id, version, tags)
             completed.append(version)
         else:
             tracking.mark_rolled_back(run.info.run_id, "the process stopped before the version was committed")
@@ -159,6 +215,7 @@ def fetch_dataset(ws: Workspace, config: Config, dataset: bucket.Dataset) -> tup
         except ConceptError as exc:
             bucket.reject(client, name, dataset, exc)
             return None, exc.code
+        fault_point("fetch")
         target = ws.concepts_dir / concept.name
         if target.exists():  # left by an attempt that was rolled back
             shutil.rmtree(target)
@@ -222,6 +279,7 @@ def score_neurons(model: CumulativeModel, prepared: steps.PreparedConcept, gener
     selection = steps.select(model, scores, general, config)
     prepared.timings["select"] = time.perf_counter() - start
     prepared.timings["score_peak_rss_mb"] = peak_rss_mb()
+    fault_point("score")
     return scores, selection
 
 
@@ -237,7 +295,9 @@ def write_version(model: CumulativeModel, prepared: steps.PreparedConcept, selec
                   dataset_hash: str, config: Config) -> ConceptRecord:
     """The concept's files and the new lineage in ``data/model`` (not yet committed)."""
     reference = steps.reference_samples(model, prepared, config)
-    return steps.commit(model, prepared, selection, scores, result, dataset_hash, config, reference)
+    record = steps.commit(model, prepared, selection, scores, result, dataset_hash, config, reference)
+    fault_point("write-version")
+    return record
 
 
 @step_task(name="evaluate-model")
@@ -320,6 +380,7 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
     tracking.log_metrics(run_id, {**version_metrics(record, prepared, result),
                                   **evaluation.flat_metrics()})
     tracking.log_series(run_id, "train/loss", result.losses)
+    fault_point("mlflow-log")
     tracking.set_tags(run_id, {f"eval.{name}.{k}": v for name, m in evaluation.metrics.items()
                                for k, v in m.items() if not isinstance(v, (int, float))})
     concept_dir = ws.model_dir / "concepts" / record.name
@@ -381,6 +442,7 @@ def version_model(ws: Workspace, record: ConceptRecord) -> dict[str, str]:
 
 @task(name="register-version", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def register(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, versioned: dict[str, str]) -> str:
+    fault_point("registry")
     tracking.set_tags(run_id, {"cns.git_tag": versioned["tag"], "cns.workspace_commit": versioned["commit"],
                                "cns.dvc_hash": versioned["dvc_hash"]})
     return tracking.register_version(config, run_id, record.version, version_tags(ws, record.version))

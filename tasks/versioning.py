@@ -24,6 +24,7 @@ import yaml
 from cns.config import Config, load_config
 from cns.errors import CNSError
 from cns.lineage import ConceptRecord, read_lineage
+from tasks.faults import fault_point
 from tasks.s3 import bucket_name, endpoint_url
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ METRICS = "metrics"
 # params.yaml (the user's, never reverted, committed with the next version).
 VERSIONED = ("data/model.dvc", "data/.gitignore", "data/concepts/.gitignore", "dvc.lock", METRICS)
 TRACKED = ("params.yaml", *VERSIONED)
+# Written (in .git, never committed) before a pass changes data/model, removed once the version is
+# tagged or rolled back: only a version a pass was writing is ever rolled back.
+IN_PROGRESS = "cns-version-in-progress"
 
 
 class WorkspaceError(CNSError):
@@ -130,7 +134,7 @@ def init_workspace(directory: str | Path, bucket: str | None = None) -> Workspac
     root.mkdir(parents=True, exist_ok=True)
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(PROJECT_ROOT / name, root / name)
-    (root / ".gitignore").write_text("/outputs/\n/.cns.lock\n")
+    (root / ".gitignore").write_text("/outputs/\n/data/.model.lock\n")
     ws = Workspace(root)
     git(ws, "init", "-q", "-b", "main")
     # Commits are made by the pipeline; a machine without a global git identity still needs one.
@@ -174,7 +178,9 @@ def add_and_push(ws: Workspace, record: ConceptRecord | None) -> None:
             repo.commit("evaluate", force=True)
         if (ws.root / "data" / "cache").exists():
             repo.commit("calibrate", force=True)
+        fault_point("dvc-add")
         repo.push()
+        fault_point("dvc-push")
 
 
 def commit_and_tag(ws: Workspace, record: ConceptRecord, action: str = "learn",
@@ -184,12 +190,14 @@ def commit_and_tag(ws: Workspace, record: ConceptRecord, action: str = "learn",
     version = record.version if version is None else version
     tag = f"{TAG_PREFIX}{version}"
     if git(ws, "tag", "--list", tag):  # a retry after the tag was made
+        end_version(ws)
         tag_artifact_versions(ws)
         return {"commit": git(ws, "rev-list", "-n", "1", tag), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
     paths = [p for p in (*TRACKED, f"data/concepts/{record.name}.dvc") if (ws.root / p).exists()]
     git(ws, "add", "--", *paths)
     git(ws, "commit", "-q", "-m", f"model v{version}: {action} {record.name}", "--", *paths)
     git(ws, "tag", tag)
+    end_version(ws)
     tag_artifact_versions(ws)
     return {"commit": git(ws, "rev-parse", "HEAD"), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
 
@@ -210,6 +218,35 @@ def tag_artifact_versions(ws: Workspace) -> list[str]:
             git(ws, "tag", "-a", made[-1], "-m", f"Registering artifact {ARTIFACT} version v{match.group(1)}.0.0",
                 f"{tag}^{{commit}}")
     return made
+
+
+def begin_version(ws: Workspace, version: int) -> None:
+    """Say that this pass is about to write model v``version`` into ``data/model``: from here
+    until it is tagged, :func:`rollback_uncommitted` may throw it away."""
+    (ws.root / ".git" / IN_PROGRESS).write_text(f"{version}\n")
+
+
+def end_version(ws: Workspace) -> None:
+    (ws.root / ".git" / IN_PROGRESS).unlink(missing_ok=True)
+
+
+def version_in_progress(ws: Workspace) -> int | None:
+    path = ws.root / ".git" / IN_PROGRESS
+    text = path.read_text().strip() if path.exists() else ""
+    return int(text) if text.isdigit() else None
+
+
+def refuse_foreign_versions(ws: Workspace, lineage_version: int, committed: int) -> None:
+    """A model in ``data/model`` ahead of the last tag that no pass was writing (``cns learn`` or
+    ``cns forget`` into the workspace's model directory) is not the pipeline's to throw away."""
+    writing = version_in_progress(ws)
+    if lineage_version <= committed or (writing is not None and lineage_version <= writing):
+        return
+    names = ", ".join(c.name for c in read_lineage(ws.model_dir).concepts) or "no concept"
+    raise WorkspaceError(ws.model_dir, f"holds model v{lineage_version} ({names}), written outside the pipeline "
+                         f"(its last version is {f'{TAG_PREFIX}{committed}' if committed else 'none'}); a pass would "
+                         "roll it back, so none runs: move this directory away (or `cns learn --model-dir` "
+                         "elsewhere), or run the pipeline in its own workspace (`cns init DIR`)", "model_not_pipelines")
 
 
 def clear_stale_git_locks(ws: Workspace) -> list[str]:
@@ -247,6 +284,7 @@ def complete_untagged_version(ws: Workspace) -> int | None:
     version = int(match.group(1))
     log.warning("completing model v%d: its commit was made, its tag was not", version)
     git(ws, "tag", f"{TAG_PREFIX}{version}", "HEAD")
+    end_version(ws)
     tag_artifact_versions(ws)
     return version
 
@@ -258,24 +296,33 @@ def rollback_uncommitted(ws: Workspace) -> int | None:
     crash mid-version leaves at most: a new concept folder and lineage in ``data/model``, a new
     dataset folder, new or changed ``.dvc`` files, ``dvc.lock`` and metrics, and a commit that
     is not tagged (call :func:`complete_untagged_version` first: a whole one is kept). The files
-    come back from the last *tag*, not from ``HEAD``.
+    come back from the last *tag*, not from ``HEAD``. A model ahead of the last tag that no pass
+    was writing is refused (WorkspaceError), never thrown away (:func:`refuse_foreign_versions`).
     """
     committed = last_version(ws)
     ref = f"{TAG_PREFIX}{committed}" if committed else "HEAD"
     lineage = read_lineage(ws.model_dir)
     current = lineage.version if lineage else 0
+    refuse_foreign_versions(ws, current, committed)
     paths = (*VERSIONED, "data/concepts")
     in_ref = git(ws, "ls-tree", "-r", "--name-only", ref, "--", *paths).split("\n")
     tracked = [p for p in paths if any(f == p or f.startswith(p + "/") for f in in_ref)]
     dirty = git(ws, "status", "--porcelain", "--", "data/model.dvc", "data/concepts", "dvc.lock", METRICS) or \
         git(ws, "diff", "--name-only", ref, "--", "data/model.dvc", "data/concepts", "dvc.lock", METRICS)
     if current == committed and not dirty:
+        end_version(ws)
         return None
     log.warning("rolling back an unfinished model version (lineage v%d, last tag v%d)", current, committed)
     if tracked:
         git(ws, "checkout", ref, "--", *tracked)
-    for path in set(git(ws, "diff", "--name-only", ref, "HEAD", "--", *paths).split()) - set(in_ref):
-        (ws.root / path).unlink(missing_ok=True)  # committed after the tag by an unfinished version
+    # Added by the `git add` of a version whose commit never came (killed inside `git commit`):
+    # out of the index too, or the first version's data/model.dvc would bring the model back.
+    staged = set(git(ws, "diff", "--cached", "--name-only", "--diff-filter=A", "HEAD", "--", *paths).split()) \
+        - set(in_ref)
+    if staged:
+        git(ws, "rm", "-q", "--cached", "--", *staged)
+    for path in staged | set(git(ws, "diff", "--name-only", ref, "HEAD", "--", *paths).split()) - set(in_ref):
+        (ws.root / path).unlink(missing_ok=True)  # committed after the tag (or staged) by an unfinished version
     git(ws, "clean", "-fdq", "--", "data/concepts", METRICS, check=False)
     tracked_dvc = set(git(ws, "ls-files", "--", "data/concepts").split())
     if ws.concepts_dir.exists():
@@ -287,4 +334,5 @@ def rollback_uncommitted(ws: Workspace) -> int | None:
             repo.checkout(targets=["data/model.dvc"], force=True)
     elif ws.model_dir.exists():
         shutil.rmtree(ws.model_dir)
+    end_version(ws)
     return current
