@@ -10,6 +10,7 @@ process groups whose leader it can prove it started. Layout and ports: docs/stac
 
 from __future__ import annotations
 
+import configparser
 import json
 import logging
 import os
@@ -135,15 +136,64 @@ def credentials(root: Path, create: bool = False) -> Credentials | None:
     return Credentials(data["access_key"], data["secret_key"], generated=True)
 
 
-def client_env(config: StackConfig, creds: Credentials | None, with_secret: bool) -> dict[str, str]:
-    """The variables a user exports to use this stack (the secret only when asked for)."""
+def client_env(config: StackConfig, creds: Credentials | None, with_secret: bool,
+               mlflow_secret: bool | None = None) -> dict[str, str]:
+    """The variables a user exports to use this stack (the secrets only when asked for: the S3
+    keys with ``with_secret``, the MLflow login with ``mlflow_secret``, which defaults to it)."""
     env = {"AWS_ENDPOINT_URL_S3": config.s3_url, "MLFLOW_S3_ENDPOINT_URL": config.s3_url,
            "AWS_DEFAULT_REGION": "us-east-1", "CNS_BUCKET": config.bucket,
            "MLFLOW_TRACKING_URI": config.mlflow_url, "PREFECT_API_URL": config.prefect_api_url}
     if creds is not None and with_secret:
         env["AWS_ACCESS_KEY_ID"] = creds.access_key
         env["AWS_SECRET_ACCESS_KEY"] = creds.secret_key
+    login = mlflow_login(config.root) if (with_secret if mlflow_secret is None else mlflow_secret) else None
+    if login is not None:
+        env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"] = login
     return env
+
+
+# ---- MLflow: basic-auth, one admin login per stack -----------------------------------------------
+#
+# `mlflow server --app-name basic-auth` with <root>/mlflow/basic_auth.ini (0600, made once per stack
+# directory, never printed by `up`): default_permission NO_PERMISSIONS, so a request without the
+# login, with a wrong one, or from any other user gets nothing (runs, registry, the artifact proxy
+# into s3://<bucket>/mlflow/). Clients read MLFLOW_TRACKING_USERNAME/PASSWORD (`cns stack env`).
+
+MLFLOW_AUTH_FILE = Path("mlflow") / "basic_auth.ini"
+MLFLOW_ADMIN = "cns-admin"
+
+
+def mlflow_login(root: Path) -> tuple[str, str] | None:
+    """(username, password) of the stack's MLflow admin, or None before the first ``up``."""
+    path = root / MLFLOW_AUTH_FILE
+    if not path.is_file():
+        return None
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path)
+    return parser["mlflow"]["admin_username"], parser["mlflow"]["admin_password"]
+
+
+def ensure_mlflow_auth(root: Path) -> Path:
+    """``<root>/mlflow/basic_auth.ini`` (0600), made once; a user store left without it holds an
+    admin whose password is lost, so it is made again."""
+    path = root / MLFLOW_AUTH_FILE
+    if path.is_file():
+        return path
+    store = path.with_name("basic_auth.db")
+    if store.exists():
+        log.warning("%s: no %s beside it, making a new MLflow login", store, path.name)
+        store.unlink()
+    lines = ["# made by `cns stack up` for this stack only; keep it private (see docs/reliability.md)",
+             "[mlflow]", "default_permission = NO_PERMISSIONS",
+             # relative to the server's working directory, the stack directory: the stack can be moved
+             f"database_uri = sqlite:///{MLFLOW_AUTH_FILE.parent / store.name}",
+             f"admin_username = {MLFLOW_ADMIN}", f"admin_password = {secrets.token_urlsafe(30)}",
+             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+             "grant_default_workspace_access = false",
+             # one worker: a cached login check cannot go stale in another; saves a PBKDF2 per request
+             "auth_cache_ttl_seconds = 60", ""]
+    _write_private(path, "\n".join(lines).encode())
+    return path
 
 
 # ---- the three services ------------------------------------------------------------------------
@@ -171,8 +221,14 @@ def _service_command(name: str, config: StackConfig, creds: Credentials) -> tupl
         env.update(MLFLOW_S3_ENDPOINT_URL=config.s3_url, AWS_ENDPOINT_URL_S3=config.s3_url,
                    AWS_DEFAULT_REGION=env.get("AWS_DEFAULT_REGION", "us-east-1"),
                    # the job runner forks extra workers (~3 GB); the pipeline does not use it
-                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        argv = [_executable("mlflow"), "server", "--host", HOST, "--port", str(config.ports["mlflow"]),
+                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+                   MLFLOW_AUTH_CONFIG_PATH=str(root / MLFLOW_AUTH_FILE), MLFLOW_BASIC_AUTH_FAIL_CLOSED="true",
+                   # signs the sign-up form's CSRF token only; one worker, so new at every start
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_urlsafe(32))
+        for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):  # would override the file
+            env.pop(var, None)
+        argv = [_executable("mlflow"), "server", "--app-name", "basic-auth", "--host", HOST,
+                "--port", str(config.ports["mlflow"]),
                 "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
                 "--artifacts-destination", f"s3://{config.bucket}/mlflow"]
         return argv, env
@@ -453,6 +509,8 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
     creds = credentials(config.root, create=True)
     ensure_seaweed_security(config.root)
     to_start = [name for name in SERVICES if _read_record(config, name) is None]
+    if "mlflow" in to_start:
+        ensure_mlflow_auth(config.root)
     for name in to_start:
         for port in config.service_ports(name):
             # a killed multi-threaded server reads as exited (its leader thread is a zombie) a moment

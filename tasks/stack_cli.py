@@ -63,11 +63,13 @@ def _print_status(items) -> None:
 def _print_env(config, creds) -> None:
     from tasks import stack
 
-    env = stack.client_env(config, creds, with_secret=bool(creds and creds.generated))
+    env = stack.client_env(config, creds, with_secret=bool(creds and creds.generated), mlflow_secret=True)
     for key, value in env.items():
         print(f"export {key}={shlex.quote(value)}")
     if creds and not creds.generated:
         print("# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: the ones already in your environment")
+    if "MLFLOW_TRACKING_PASSWORD" in env:
+        print("# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: also the MLflow UI's login")
 
 
 def _up(args) -> int:
@@ -86,6 +88,8 @@ def _up(args) -> int:
         print(f"# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: in {config.root / 'credentials.json'} (cns stack env prints them)")
     elif creds:
         print("# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: the ones already in your environment")
+    print(f"# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (also the MLflow UI's login): in "
+          f"{config.root / stack.MLFLOW_AUTH_FILE} (cns stack env prints them)")
     return 0
 
 

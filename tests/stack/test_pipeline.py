@@ -93,6 +93,7 @@ def test_each_concept_has_a_complete_mlflow_run_with_its_artifacts(pipeline):
         assert run.data.params["dataset.uri"].endswith(f"/incoming/{concept}/")
         assert "AWS_SECRET_ACCESS_KEY" not in str(run.data.params) and os.environ["AWS_SECRET_ACCESS_KEY"] \
             not in str(run.data.params) + str(run.data.tags)
+        assert os.environ["MLFLOW_TRACKING_PASSWORD"] not in str(run.data.params) + str(run.data.tags)
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 15
         record = read_lineage(ws.model_dir).find(concept)
         assert run.data.metrics["neurons/total"] == record.stats["neurons_total"]

@@ -1,20 +1,26 @@
 """Every door the stack's SeaweedFS opens, found at runtime from /proc (not from a list of ports),
 and what a local process without the keys gets at each: no bucket data over HTTP, no gRPC without
-the stack's client certificate, no CORS for a web page. With the keys, S3 still works.
+the stack's client certificate, no CORS for a web page. With the keys, S3 still works. The
+MLflow server (basic-auth, ``NO_PERMISSIONS`` by default) gives a request without the stack's
+login, or with a wrong one, nothing: no artifact through its proxy into ``s3://<bucket>/mlflow/``,
+no run, no registry; with the login, all of it works.
 
 The doors and how each is closed: docs/reliability.md, "The stack's doors"."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import http.client
+import json
 import os
 import re
 import socket
 import ssl
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -354,23 +360,203 @@ def test_stack_directory_is_private_and_up_prints_no_secret(running_stack, capsy
     assert len(jwt_keys) == 4
     assert running_stack.creds.secret_key not in printed, printed
     logs = "".join(p.read_text(errors="replace") for p in (root / "logs").iterdir())
-    for secret in (*jwt_keys, (root / stack.TLS_DIR / "weed.key").read_text().splitlines()[1]):
+    _, mlflow_password = stack.mlflow_login(root)
+    assert (root / stack.MLFLOW_AUTH_FILE).stat().st_mode & 0o077 == 0
+    for secret in (*jwt_keys, (root / stack.TLS_DIR / "weed.key").read_text().splitlines()[1], mlflow_password):
         assert secret not in printed and secret not in logs
     assert running_stack.creds.secret_key not in logs
 
 
-def test_mlflow_artifact_proxy_reaches_only_the_mlflow_prefix(running_stack):
-    """Not closed (docs/reliability.md, "The stack's doors"): MLflow serves artifacts without
-    authentication and writes them with the stack's keys. What bounds it: paths that leave
-    ``s3://<bucket>/mlflow/`` are refused."""
-    base = f"{running_stack.config.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/"
+# ---- MLflow: basic-auth -----------------------------------------------------------------------
+
+MLFLOW_SECRET = "an MLflow artifact no one without the login may read " * 20
+ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
+
+
+def mlflow_request(running_stack, method: str, path: str, login: tuple[str, str] | None,
+                   body: bytes | dict | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one request to the stack's MLflow server, with HTTP basic auth
+    for ``login`` (None: no Authorization header)."""
+    headers = {}
+    if isinstance(body, dict):
+        body, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    if login is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
+    request = urllib.request.Request(running_stack.config.mlflow_url + path, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+@dataclass
+class MlflowProbe:
+    login: tuple[str, str]
+    experiment_id: str
+    run_id: str
+    artifact: str  # the proxy path of the run's secret artifact, under ARTIFACTS
+    model: str
+
+
+@pytest.fixture(scope="module")
+def mlflow_probe(running_stack) -> MlflowProbe:
+    """A run with a secret artifact and a registered model, made with the stack's login (the MLflow
+    client reads it from MLFLOW_TRACKING_USERNAME/PASSWORD, which the session exported)."""
+    from mlflow import MlflowClient
+
+    login = stack.mlflow_login(running_stack.config.root)
+    assert login is not None and (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == login
+    client = MlflowClient()
+    tag = str(time.time_ns())
+    experiment_id = client.create_experiment(f"security-probe-{tag}")
+    run = client.create_run(experiment_id)
+    client.log_text(run.info.run_id, MLFLOW_SECRET, "secret.txt")
+    client.set_terminated(run.info.run_id)
+    model = f"security-probe-{tag}"
+    client.create_registered_model(model)
+    assert run.info.artifact_uri == f"mlflow-artifacts:/{experiment_id}/{run.info.run_id}/artifacts"
+    return MlflowProbe(login, experiment_id, run.info.run_id, f"{experiment_id}/{run.info.run_id}/artifacts", model)
+
+
+def mlflow_requests(p: MlflowProbe) -> list[tuple[str, str, bytes | dict | None]]:
+    """What a local process would try: read and write artifacts through the proxy (REST and the UI's
+    ajax-api), read and change runs and experiments, read and change the registry, make a user."""
+    run, exp = p.run_id, p.experiment_id
+    return [
+        ("GET", f"{ARTIFACTS}/{p.artifact}/secret.txt", None),
+        ("GET", f"/ajax-api/2.0/mlflow-artifacts/artifacts/{p.artifact}/secret.txt", None),
+        ("GET", f"{ARTIFACTS}?path={p.artifact}", None),  # listing
+        ("GET", f"/get-artifact?path=secret.txt&run_uuid={run}", None),  # the UI's download
+        ("GET", f"/api/2.0/mlflow-artifacts/presigned/{p.artifact}/secret.txt", None),
+        ("PUT", f"{ARTIFACTS}/{p.artifact}/intruder.txt", b"intruder"),
+        ("PUT", f"/ajax-api/2.0/mlflow-artifacts/artifacts/{p.artifact}/intruder-ajax.txt", b"intruder"),
+        ("PUT", f"{ARTIFACTS}/intruder/evil.txt", b"intruder"),
+        ("PUT", f"{ARTIFACTS}/{p.artifact}/secret.txt", b"intruder"),  # overwrite
+        ("DELETE", f"{ARTIFACTS}/{p.artifact}/secret.txt", None),
+        ("GET", f"/api/2.0/mlflow/runs/get?run_id={run}", None),
+        ("POST", "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp]}),
+        ("GET", f"/api/2.0/mlflow/artifacts/list?run_id={run}", None),
+        ("POST", "/api/2.0/mlflow/runs/create", {"experiment_id": exp}),
+        ("POST", "/api/2.0/mlflow/runs/set-tag", {"run_id": run, "key": "intruder", "value": "x"}),
+        ("POST", "/api/2.0/mlflow/runs/delete", {"run_id": run}),
+        ("GET", "/api/2.0/mlflow/experiments/search?max_results=100", None),
+        ("GET", f"/api/2.0/mlflow/experiments/get?experiment_id={exp}", None),
+        ("POST", "/api/2.0/mlflow/experiments/create", {"name": "intruder-experiment"}),
+        ("GET", "/api/2.0/mlflow/registered-models/search", None),
+        ("GET", f"/api/2.0/mlflow/registered-models/get?name={p.model}", None),
+        ("POST", "/api/2.0/mlflow/registered-models/create", {"name": "intruder-model"}),
+        ("POST", "/api/2.0/mlflow/model-versions/create", {"name": p.model, "source": f"runs:/{run}/secret.txt",
+                                                           "run_id": run}),
+        ("PATCH", "/api/2.0/mlflow/registered-models/update", {"name": p.model, "description": "intruder"}),
+        ("DELETE", "/api/2.0/mlflow/registered-models/delete", {"name": p.model}),
+        ("POST", "/graphql", {"query": f'{{ mlflowGetRun(input: {{runId: "{run}"}}) {{ run {{ info {{ runName }} }} }} }}'}),
+        ("POST", "/api/2.0/mlflow/users/create", {"username": "intruder", "password": "intruder-password-1234"}),
+        ("GET", "/", None),  # the UI itself
+    ]
+
+
+def assert_mlflow_unchanged(running_stack, p: MlflowProbe) -> None:
+    """With the login: the secret is intact and nothing an intruder tried is there."""
+    from mlflow import MlflowClient
+
+    status, _, body = mlflow_request(running_stack, "GET", f"{ARTIFACTS}/{p.artifact}/secret.txt", p.login)
+    assert (status, body.decode()) == (200, MLFLOW_SECRET)
+    client = MlflowClient()
+    run = client.get_run(p.run_id)
+    assert run.info.lifecycle_stage == "active" and "intruder" not in run.data.tags
+    assert len(client.search_runs([p.experiment_id])) == 1
+    assert client.get_experiment_by_name("intruder-experiment") is None
+    assert {m.name for m in client.search_registered_models()} & {"intruder-model"} == set()
+    model = client.get_registered_model(p.model)
+    assert not model.description and not client.search_model_versions(f"name='{p.model}'")
+    status, _, _ = mlflow_request(running_stack, "GET", "/api/2.0/mlflow/users/get?username=intruder", p.login)
+    assert status == 404
+    keys = {o["Key"] for o in running_stack.client().list_objects_v2(
+        Bucket=running_stack.bucket, Prefix="mlflow/").get("Contents", [])}
+    assert not {k for k in keys if "intruder" in k or "evil" in k}, keys
+
+
+def test_mlflow_without_the_login_reads_and_writes_nothing(running_stack, mlflow_probe):
+    """Every request without the stack's login, with a wrong password, an unknown user or MLflow's
+    old default admin is 401 (and the browser is asked for the login)."""
+    user, password = mlflow_probe.login
+    answers = {}
+    for login in (None, (user, "wrong-" + password), (user, ""), ("intruder", password), ("admin", "password1234")):
+        for method, path, body in mlflow_requests(mlflow_probe):
+            status, headers, text = mlflow_request(running_stack, method, path, login, body)
+            answers[(login and login[0], method, path.split("?")[0])] = status
+            assert MLFLOW_SECRET[:40].encode() not in text, (login, method, path)
+            assert status == 401, (login and login[0], method, path, status, text[:200])
+            assert headers.get("www-authenticate") == 'Basic realm="mlflow"'
+    print(f"\nMLflow without the login: {len(answers)} requests, statuses {sorted(set(answers.values()))}")
+    assert_mlflow_unchanged(running_stack, mlflow_probe)
+    # what stays open: the health check (for `cns stack status`) and static files of the UI
+    status, _, body = mlflow_request(running_stack, "GET", "/health", None)
+    assert (status, body) == (200, b"OK")
+
+
+def test_mlflow_gives_another_user_nothing_by_default(running_stack, mlflow_probe):
+    """``default_permission = NO_PERMISSIONS``: a user the admin makes (with no grants) is known to
+    the server but may read or change nothing of the stack's (403)."""
+    other = ("security-probe-user", "another-users-password-" + str(time.time_ns()))
+    status, _, _ = mlflow_request(running_stack, "POST", "/api/2.0/mlflow/users/create", mlflow_probe.login,
+                                  {"username": other[0], "password": other[1]})
+    assert status in (200, 201)
+    try:
+        for method, path, body in mlflow_requests(mlflow_probe):
+            if path == "/" or path.startswith(("/api/2.0/mlflow/experiments/search", "/api/2.0/mlflow/registered-models/search",
+                                               "/api/2.0/mlflow/runs/search", "/graphql")):
+                continue  # allowed to a signed-in user, filtered to what it may read: checked below
+            if "/intruder/" in path or path.endswith(("/experiments/create", "/registered-models/create")):
+                continue  # creating its own experiment or model is what any user may do (nothing of ours)
+            status, _, text = mlflow_request(running_stack, method, path, other, body)
+            assert MLFLOW_SECRET[:40].encode() not in text, (method, path)
+            assert status == 403, (method, path, status, text[:200])
+        for method, path, body, listed in (
+                ("GET", "/api/2.0/mlflow/experiments/search?max_results=1000", None, "experiments"),
+                ("GET", "/api/2.0/mlflow/registered-models/search", None, "registered_models"),
+                ("POST", "/api/2.0/mlflow/runs/search", {"experiment_ids": [mlflow_probe.experiment_id]}, "runs")):
+            status, _, text = mlflow_request(running_stack, method, path, other, body)
+            assert status == 403 or not json.loads(text).get(listed), (path, status, text[:300])
+        assert_mlflow_unchanged(running_stack, mlflow_probe)
+    finally:
+        mlflow_request(running_stack, "DELETE", "/api/2.0/mlflow/users/delete", mlflow_probe.login,
+                       {"username": other[0]})
+
+
+def test_mlflow_with_the_login_works_and_stack_env_exports_it(running_stack, mlflow_probe, capsys):
+    login = mlflow_probe.login
+    path = f"{ARTIFACTS}/{mlflow_probe.artifact}/written-with-the-login.txt"
+    assert mlflow_request(running_stack, "PUT", path, login, b"with the login")[0] == 200
+    assert mlflow_request(running_stack, "GET", path, login)[::2] == (200, b"with the login")
+    status, _, text = mlflow_request(running_stack, "GET", f"/api/2.0/mlflow/runs/get?run_id={mlflow_probe.run_id}",
+                                     login)
+    assert status == 200 and json.loads(text)["run"]["info"]["run_id"] == mlflow_probe.run_id
+    status, _, text = mlflow_request(running_stack, "GET", f"/api/2.0/mlflow/registered-models/get?name={mlflow_probe.model}",
+                                     login)
+    assert status == 200 and json.loads(text)["registered_model"]["name"] == mlflow_probe.model
+    assert mlflow_request(running_stack, "GET", "/", login)[0] == 200  # the UI, once the browser has the login
+    parser = argparse.ArgumentParser(prog="cns")
+    stack_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["stack", "env", "--dir", str(running_stack.config.root)])
+    capsys.readouterr()
+    assert args.func(args) == 0
+    exports = dict(line[len("export "):].split("=", 1) for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("export "))
+    assert (exports["MLFLOW_TRACKING_USERNAME"], exports["MLFLOW_TRACKING_PASSWORD"]) == login
+
+
+def test_mlflow_artifact_proxy_reaches_only_the_mlflow_prefix(running_stack, mlflow_probe):
+    """Even with the login, the artifact proxy writes with the stack's S3 keys only under
+    ``s3://<bucket>/mlflow/``: paths that leave it are refused."""
+    base = f"{ARTIFACTS}/"
     s3 = running_stack.client()
     s3.put_object(Bucket=running_stack.bucket, Key="incoming/proxy-probe/concept.yaml", Body=b"name: proxy-probe")
     for method, path in (("GET", "../incoming/proxy-probe/concept.yaml"), ("PUT", "../incoming/proxy-probe/evil.txt"),
                          ("GET", "..%2Fincoming%2Fproxy-probe%2Fconcept.yaml"), ("PUT", "%2E%2E/dvc/evil.txt")):
-        request = urllib.request.Request(base + path, method=method, data=b"x" if method == "PUT" else None)
-        with pytest.raises(urllib.error.HTTPError) as exc:
-            urllib.request.urlopen(request, timeout=30)
-        assert exc.value.code == 400, (method, path)
+        status, _, _ = mlflow_request(running_stack, method, base + path, mlflow_probe.login,
+                                      b"x" if method == "PUT" else None)
+        assert status == 400, (method, path, status)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=running_stack.bucket).get("Contents", [])}
     assert not {k for k in keys if "evil" in k}, keys
