@@ -131,6 +131,9 @@ def main() -> int:
     print(f"MLflow:          {runs_url(experiment.experiment_id)} "
           f"(runs, neurons, samples, forgetting; nightly run {report['run_id'][:8]}), "
           f"registry: {config.mlflow_url}/#/models/{params['pipeline']['model_name']}")
+    # the browser asks for the stack's MLflow login; never print the password (logs, scrollback)
+    print(f"MLflow login:    user {os.environ.get('MLFLOW_TRACKING_USERNAME', '-')}, password in "
+          f"{config.root / stack.MLFLOW_AUTH_FILE} (.venv/bin/cns stack env prints both)")
     print(f"Prefect:         {config.prefect_api_url.removesuffix('/api')} (flow runs watch and nightly)")
     print(f"samples:         {OUT / 'samples'} (grid.png); per-version metrics: {ws.metrics_dir}")
     print("stop the servers: .venv/bin/cns stack down")
