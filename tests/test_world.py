@@ -261,5 +261,13 @@ def test_smoke_benchmark_writes_the_table_and_plots(tmp_path):
     assert 0 < summary["cns"]["weights_changed"] < summary["lora_fused"]["weights_changed"] / 5
     assert "forgetting_bitmap_gain" in summary["cns"] and "forgetting_bitmap_gain" not in summary["single_kv"]
     assert record["pretrained"]["zero_shot"]["samples"] == 60
+    # Region control and forget are measured on the combined models (issue 13).
+    for method in ("cns", "lora_fused"):
+        assert "two_concepts_regions_both" in summary[method] and "two_concepts_independent" in summary[method]
+        assert {f"{method}_regions_over_plain", f"{method}_regions_over_independent"} <= set(record["comparisons"])
+    forget = summary["cns"]["forget"]
+    assert "forget" not in summary["lora_fused"]
+    assert forget["rows_only_its_own"] > 0 and forget["rows_restored_bitwise"] == forget["rows_only_its_own"]
+    assert forget["token_removed"] and "cns forget" in (tmp_path / "results.md").read_text()
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert again.returncode == 0 and "[bench world]" not in again.stdout, "cached runs must not train again"

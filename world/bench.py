@@ -300,14 +300,64 @@ def zero_shot(model, judge, seed: int = 50_000) -> tuple[dict, np.ndarray]:
     return attribute_accuracy(model, judge, triples, images=images), images
 
 
-def two_concepts(model, ctx: Context, indices: list[int], seed: int = 60_000) -> dict:
+def two_concepts(model, ctx: Context, indices: list[int], seed: int = 60_000, regions: bool = False) -> dict:
+    """Each concept with the next one in one prompt, left and right ("a <a> glyph and a <b> glyph on
+    a .. background"), ``noise_per_background`` samples per pair; with ``regions``, each concept's
+    own caption is read only in its half (cns.regions, the same as ``cns generate --region``).
+    ``both_per_pair``: the share of each pair's samples with both halves right."""
+    from cns.regions import NAMED
+
     if len(indices) < 2:
         return {}
     pairs = [(ctx.concepts[indices[i]], ctx.concepts[indices[(i + 1) % len(indices)]]) for i in range(len(indices))]
-    bgs = [list(BACKGROUNDS)[i % len(BACKGROUNDS)] for i in range(len(pairs))]
-    prompts = [caption([Obj(concept=a), Obj(concept=b)], bg) for (a, b), bg in zip(pairs, bgs)]
-    images = sample(model, prompts, [seed + i for i in range(len(prompts))])
-    return pair_accuracy(ctx.judge.read_pair(images), pairs, bgs)
+    per = ctx.settings.noise_per_background
+    images, all_pairs, bgs = [], [], []
+    for i, (a, b) in enumerate(pairs):
+        bg = list(BACKGROUNDS)[i % len(BACKGROUNDS)]
+        prompt = caption([Obj(concept=a), Obj(concept=b)], bg)
+        halves = [(NAMED["left"], caption([Obj(concept=a)], bg)), (NAMED["right"], caption([Obj(concept=b)], bg))]
+        images.append(sample(model, [prompt] * per, [seed + 100 * i + j for j in range(per)],
+                             regions=halves if regions else None))
+        all_pairs += [(a, b)] * per
+        bgs += [bg] * per
+    reads = ctx.judge.read_pair(np.concatenate(images))
+    both = [left["identity"] == a.name and right["identity"] == b.name for (left, right), (a, b) in zip(reads, all_pairs)]
+    return pair_accuracy(reads, all_pairs, bgs) | {
+        "samples": len(all_pairs), "both_per_pair": [float(np.mean(both[i * per:(i + 1) * per])) for i in range(len(pairs))]}
+
+
+def independent_pairs(final: list[dict]) -> list[float]:
+    """Per pair two_concepts draws: both right if each half were drawn at its concept's
+    single-concept identity, independently (identity(a) x identity(b))."""
+    n = len(final)
+    return [final[i]["identity"] * final[(i + 1) % n]["identity"] for i in range(n)] if n > 1 else []
+
+
+def forget_middle(cumulative: CumulativeModel, config: Config, ctx: Context, indices: list[int]) -> dict:
+    """``cns forget`` the middle concept of a sequential CNS model: its seconds (no training), every
+    concept read again, zero-shot accuracy, whether the rows no other concept holds are back at
+    their pretrained values bit for bit, and whether its token is gone."""
+    from cns.forget import forget
+    from cns.neurons import union
+
+    k = indices[len(indices) // 2]
+    name = ctx.concepts[k].name
+    mine = cumulative.concept_masks([cumulative.lineage.find(name)])[0]
+    others = union(cumulative.concept_masks([r for r in cumulative.lineage.concepts if r.name != name]),
+                   row_counts(cumulative.layers))
+    start = time.perf_counter()
+    forget(config.model_dir, name)
+    after = open_model(config.model_dir, config)
+    seconds = time.perf_counter() - start
+    only_mine = {layer: mine[layer] & ~others[layer] for layer in mine}
+    restored = sum(int((layer.linear.weight.detach().cpu()[only_mine[layer.name]]
+                        == after.pretrained[layer.name][only_mine[layer.name]]).all(1).sum())
+                   for layer in after.layers)
+    return {"concept": name, "index": k, "seconds": round(seconds, 2), "rows_only_its_own": count(only_mine),
+            "rows_restored_bitwise": restored,
+            "token_removed": ctx.concepts[k].token not in after.model.tokenizer.get_vocab(),
+            "readings": concept_readings(after.model, ctx, indices),
+            "zero_shot": zero_shot(after.model, ctx.judge)[0]}
 
 
 def gray_samples(model, ctx: Context, indices: list[int]) -> np.ndarray:
@@ -367,10 +417,14 @@ def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray,
     record["zero_shot_pixel_change"] = float(np.abs(images.astype(np.float32) - base_images.astype(np.float32)).mean()
                                              / 255)
     record["pairs"] = two_concepts(cumulative.model, ctx, indices)
+    record["pairs_regions"] = two_concepts(cumulative.model, ctx, indices, regions=True)
+    record["pairs_independent"] = independent_pairs(record["final"])
     save_images(gray_samples(cumulative.model, ctx, indices), samples_file)
     changed = {layer.name: (layer.linear.weight.detach().cpu() != cumulative.pretrained[layer.name]).any(1)
                for layer in cumulative.layers}
     record["weights_changed"] = weights_in(changed, cumulative.layers)
+    if method.learner == "cns" and method.combine == "sequential" and len(indices) > 1:
+        record["forget"] = forget_middle(cumulative, config, ctx, indices)
     return record
 
 

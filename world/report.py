@@ -110,8 +110,53 @@ def summarize(runs: dict, methods: list[str], base: dict) -> dict:
             row["zero_shot_pixel_change"] = interval(np.array([r["zero_shot_pixel_change"] for r in records]))
             row["two_concepts_both"] = interval(np.array([r["pairs"].get("pair_both", np.nan) for r in records]))
             row["weights_changed"] = int(np.mean([r["weights_changed"] for r in records]))
+        if all("pairs_regions" in r for r in records):
+            row |= {"two_concepts_regions_both": interval(_pair_cells(records, "regions")),
+                    "two_concepts_independent": interval(_pair_cells(records, "independent"))}
+        if all("forget" in r for r in records):
+            row["forget"] = forget_summary(records, base)
         out[method] = row
     return out
+
+
+def _pair_cells(records: list[dict], which: str) -> np.ndarray:
+    """(pair, seed) cells of two-concept prompts: both right ``plain`` or with ``regions``, or the
+    ``independent`` product of the two single-concept identities."""
+    if which == "independent":
+        return np.concatenate([np.asarray(r["pairs_independent"], dtype=float) for r in records])
+    key = "pairs_regions" if which == "regions" else "pairs"
+    return np.concatenate([np.asarray(r[key].get("both_per_pair", []), dtype=float) for r in records])
+
+
+def forget_summary(records: list[dict], base: dict) -> dict:
+    """After ``cns forget`` of the middle concept: it against the pretrained model's floor, the other
+    concepts' change against the spread between training seeds, zero-shot change, seconds, and the
+    bitwise restoration of the rows only it held."""
+    gone, moved_bitmap, moved_identity, zero_shot = [], [], [], []
+    for r in records:
+        f = r["forget"]
+        k = f["index"]
+        gone.append((f["readings"][k]["bitmap"] - base["concepts"][k]["bitmap"],
+                     f["readings"][k]["identity"] - base["concepts"][k]["identity"]))
+        for j, (after, before) in enumerate(zip(f["readings"], r["final"])):
+            if j != k:
+                moved_bitmap.append(after["bitmap"] - before["bitmap"])
+                moved_identity.append(after["identity"] - before["identity"])
+        zero_shot.append(f["zero_shot"]["all"] - r["zero_shot"]["all"])
+    finals = np.array([[reading["bitmap"] for reading in r["final"]] for r in records])
+    seed_spread = float(finals.std(axis=0, ddof=1).mean()) if len(records) > 1 else float("nan")
+    gone = np.array(gone)
+    return {"concept": records[0]["forget"]["concept"],
+            "seconds": float(np.mean([r["forget"]["seconds"] for r in records])),
+            "forgotten_bitmap_over_pretrained": interval(gone[:, 0]),
+            "forgotten_identity_over_pretrained": interval(gone[:, 1]),
+            "others_bitmap_change": interval(np.array(moved_bitmap)),
+            "others_identity_change": interval(np.array(moved_identity)),
+            "seed_spread_bitmap": seed_spread,
+            "zero_shot_change": interval(np.array(zero_shot)),
+            "rows_restored_bitwise": sum(r["forget"]["rows_restored_bitwise"] for r in records),
+            "rows_only_its_own": sum(r["forget"]["rows_only_its_own"] for r in records),
+            "token_removed": all(r["forget"]["token_removed"] for r in records)}
 
 
 def comparisons(runs: dict, summary: dict, base: dict) -> dict:
@@ -130,6 +175,12 @@ def comparisons(runs: dict, summary: dict, base: dict) -> dict:
         drift = {m: np.array([base["zero_shot"]["all"] - r["zero_shot"]["all"]
                               for (name, _), r in sorted(runs.items()) if name == m]) for m in ("cns", "naive_kv")}
         out["drift_cns_over_naive"] = ratio(drift["cns"], drift["naive_kv"])
+    for method in have:
+        records = [r for (name, _), r in sorted(runs.items()) if name == method]
+        if all("pairs_regions" in r for r in records):
+            regions = _pair_cells(records, "regions")
+            out[f"{method}_regions_over_independent"] = ratio(regions, _pair_cells(records, "independent"))
+            out[f"{method}_regions_over_plain"] = ratio(regions, _pair_cells(records, "plain"))
     for control in ("cns_random", "cns_bottom", "cns_gradient", "cns_no_general", "cns_no_reg", "token_only"):
         if {"cns", control} <= have:
             for metric in ("bitmap", "identity"):
@@ -183,6 +234,25 @@ def markdown(record: dict) -> str:
             fmt(row["zero_shot_drift"]) if "zero_shot_drift" in row else "",
             fmt(row["zero_shot_pixel_change"]) if "zero_shot_pixel_change" in row else "",
             f"{row['rows_per_concept']:.1f}"]) + " |")
+    pairs = {m: row for m, row in summary.items() if "two_concepts_regions_both" in row}
+    if pairs:
+        lines += ["", "Two learned concepts in one prompt (left and right), both read right: without and with region "
+                  "control (each concept's caption read only in its half), and the rate if each half were drawn "
+                  "at its concept's single-concept identity independently:", "",
+                  "| method | plain | regions | independent |", "|---|---|---|---|"]
+        lines += [f"| {m} | {fmt(row['two_concepts_both'])} | {fmt(row['two_concepts_regions_both'])} | "
+                  f"{fmt(row['two_concepts_independent'])} |" for m, row in pairs.items()]
+    for method, row in summary.items():
+        if "forget" in row:
+            f = row["forget"]
+            lines += ["", f"`cns forget {f['concept']}` on {method}'s final model ({f['seconds']:.1f} s, no training): "
+                      f"its bitmap agreement minus the pretrained model's {fmt(f['forgotten_bitmap_over_pretrained'])}, "
+                      f"identity minus pretrained {fmt(f['forgotten_identity_over_pretrained'])}; the other concepts' "
+                      f"bitmap change {fmt(f['others_bitmap_change'])} (spread between training seeds "
+                      f"{f['seed_spread_bitmap']:.3f}), identity change {fmt(f['others_identity_change'])}; zero-shot "
+                      f"accuracy change {fmt(f['zero_shot_change'])}; rows only it held back at their pretrained "
+                      f"values bit for bit: {f['rows_restored_bitwise']} of {f['rows_only_its_own']}; token removed: "
+                      f"{f['token_removed']}."]
     lines += ["", "Comparisons (paired on the same concepts and seeds):", ""]
     lines += [f"- `{key}`: {fmt(value)}" for key, value in record["comparisons"].items()]
     pre = record["pretrained"]["zero_shot"]
