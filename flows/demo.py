@@ -134,7 +134,8 @@ def main() -> int:
     # the browser asks for the stack's MLflow login; never print the password (logs, scrollback)
     print(f"MLflow login:    user {os.environ.get('MLFLOW_TRACKING_USERNAME', '-')}, password in "
           f"{config.root / stack.MLFLOW_AUTH_FILE} (.venv/bin/cns stack env prints both)")
-    print(f"Prefect:         {config.prefect_api_url.removesuffix('/api')} (flow runs watch and nightly)")
+    print(f"Prefect:         {config.prefect_api_url.removesuffix('/api')} (flow runs watch and nightly; "
+          f"the browser asks for the auth string in {config.root / stack.PREFECT_AUTH_FILE})")
     print(f"samples:         {OUT / 'samples'} (grid.png); per-version metrics: {ws.metrics_dir}")
     print("stop the servers: .venv/bin/cns stack down")
     return 0

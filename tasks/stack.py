@@ -137,18 +137,23 @@ def credentials(root: Path, create: bool = False) -> Credentials | None:
 
 
 def client_env(config: StackConfig, creds: Credentials | None, with_secret: bool,
-               mlflow_secret: bool | None = None) -> dict[str, str]:
+               logins: bool | None = None) -> dict[str, str]:
     """The variables a user exports to use this stack (the secrets only when asked for: the S3
-    keys with ``with_secret``, the MLflow login with ``mlflow_secret``, which defaults to it)."""
+    keys with ``with_secret``; the MLflow login and the Prefect auth string with ``logins``, which
+    defaults to it)."""
     env = {"AWS_ENDPOINT_URL_S3": config.s3_url, "MLFLOW_S3_ENDPOINT_URL": config.s3_url,
            "AWS_DEFAULT_REGION": "us-east-1", "CNS_BUCKET": config.bucket,
            "MLFLOW_TRACKING_URI": config.mlflow_url, "PREFECT_API_URL": config.prefect_api_url}
     if creds is not None and with_secret:
         env["AWS_ACCESS_KEY_ID"] = creds.access_key
         env["AWS_SECRET_ACCESS_KEY"] = creds.secret_key
-    login = mlflow_login(config.root) if (with_secret if mlflow_secret is None else mlflow_secret) else None
+    logins = with_secret if logins is None else logins
+    login = mlflow_login(config.root) if logins else None
     if login is not None:
         env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"] = login
+    auth_string = prefect_auth_string(config.root) if logins else None
+    if auth_string is not None:
+        env["PREFECT_API_AUTH_STRING"] = auth_string
     return env
 
 
@@ -196,6 +201,50 @@ def ensure_mlflow_auth(root: Path) -> Path:
     return path
 
 
+# ---- Prefect: HTTP basic auth, one auth string per stack ---------------------------------------
+#
+# `prefect server start` with PREFECT_SERVER_API_AUTH_STRING from <root>/prefect/auth_string (0600,
+# made once per stack directory, never printed by `up`): every API request without
+# `Authorization: Basic base64(<auth string>)` gets 401 (only GET /api/health and GET /api/ready are
+# exempt), every websocket (events, logs, task runs, workers) is closed without it. So no local
+# process can read flow runs or start the served flows (which run in a worker holding the S3 keys).
+# Clients (the runner of `cns serve`, its flow runs, the CLI) read PREFECT_API_AUTH_STRING
+# (`cns stack env`); the UI asks for the same string.
+
+PREFECT_AUTH_FILE = Path("prefect") / "auth_string"
+PREFECT_USER = "cns-admin"
+
+
+def prefect_auth_string(root: Path) -> str | None:
+    """``<user>:<password>`` of the stack's Prefect server, or None before the first ``up``."""
+    path = root / PREFECT_AUTH_FILE
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def ensure_prefect_auth(root: Path) -> str:
+    """``<root>/prefect/auth_string`` (0600), made once per stack directory."""
+    auth_string = prefect_auth_string(root)
+    if auth_string is None:
+        auth_string = f"{PREFECT_USER}:{secrets.token_urlsafe(30)}"
+        (root / PREFECT_AUTH_FILE).parent.mkdir(parents=True, exist_ok=True)
+        _write_private(root / PREFECT_AUTH_FILE, (auth_string + "\n").encode())
+    return auth_string
+
+
+def prefect_open(config: StackConfig) -> bool:
+    """True when the stack's Prefect server answers an API request without the auth string (one
+    started before authentication was turned on)."""
+    request = urllib.request.Request(f"{config.prefect_api_url}/flows/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 # ---- the three services ------------------------------------------------------------------------
 
 def _executable(name: str) -> str:
@@ -238,7 +287,12 @@ def _service_command(name: str, config: StackConfig, creds: Credentials) -> tupl
                    # Concurrency leases on disk (PREFECT_HOME), not in memory: a slot taken before a
                    # server restart is still given back by its holder, or freed when its lease expires.
                    PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem")
+        # HTTP basic auth on the API (docs/reliability.md, "The stack's doors"); the server's own
+        # clients (its services, the UI's settings) read the same string
+        auth_string = ensure_prefect_auth(root)
+        env.update(PREFECT_SERVER_API_AUTH_STRING=auth_string, PREFECT_API_AUTH_STRING=auth_string)
         env.pop("PREFECT_API_URL", None)
+        env.pop("PREFECT_API_KEY", None)  # Prefect Cloud's key: would be sent instead of the auth string
         argv = [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(config.ports["prefect"]),
                 "--analytics-off"]
         return argv, env
@@ -511,6 +565,8 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
     to_start = [name for name in SERVICES if _read_record(config, name) is None]
     if "mlflow" in to_start:
         ensure_mlflow_auth(config.root)
+    if "prefect" in to_start:
+        ensure_prefect_auth(config.root)
     for name in to_start:
         for port in config.service_ports(name):
             # a killed multi-threaded server reads as exited (its leader thread is a zombie) a moment
@@ -550,6 +606,10 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
         if pending:
             time.sleep(0.2)
     ensure_bucket(config, creds)
+    if "prefect" not in to_start and prefect_open(config):
+        log.warning("the running Prefect server (%s) answers without authentication: it was started before "
+                    "authentication was turned on; restart it (cns stack down, then cns stack up)",
+                    config.prefect_api_url)
     return status(config), creds
 
 

@@ -63,13 +63,15 @@ def _print_status(items) -> None:
 def _print_env(config, creds) -> None:
     from tasks import stack
 
-    env = stack.client_env(config, creds, with_secret=bool(creds and creds.generated), mlflow_secret=True)
+    env = stack.client_env(config, creds, with_secret=bool(creds and creds.generated), logins=True)
     for key, value in env.items():
         print(f"export {key}={shlex.quote(value)}")
     if creds and not creds.generated:
         print("# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: the ones already in your environment")
     if "MLFLOW_TRACKING_PASSWORD" in env:
         print("# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: also the MLflow UI's login")
+    if "PREFECT_API_AUTH_STRING" in env:
+        print("# PREFECT_API_AUTH_STRING: also the Prefect UI's login (the whole user:password string)")
 
 
 def _up(args) -> int:
@@ -90,6 +92,8 @@ def _up(args) -> int:
         print("# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: the ones already in your environment")
     print(f"# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (also the MLflow UI's login): in "
           f"{config.root / stack.MLFLOW_AUTH_FILE} (cns stack env prints them)")
+    print(f"# PREFECT_API_AUTH_STRING (also the Prefect UI's login): in {config.root / stack.PREFECT_AUTH_FILE} "
+          "(cns stack env prints it)")
     return 0
 
 

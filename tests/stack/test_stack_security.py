@@ -3,7 +3,9 @@ and what a local process without the keys gets at each: no bucket data over HTTP
 the stack's client certificate, no CORS for a web page. With the keys, S3 still works. The
 MLflow server (basic-auth, ``NO_PERMISSIONS`` by default) gives a request without the stack's
 login, or with a wrong one, nothing: no artifact through its proxy into ``s3://<bucket>/mlflow/``,
-no run, no registry; with the login, all of it works.
+no run, no registry; with the login, all of it works. The Prefect server (HTTP basic auth with the
+stack's auth string) answers a request without it, or with a wrong one, 401: no flow run is read or
+started; with it, all of it works.
 
 The doors and how each is closed: docs/reliability.md, "The stack's doors"."""
 
@@ -362,7 +364,10 @@ def test_stack_directory_is_private_and_up_prints_no_secret(running_stack, capsy
     logs = "".join(p.read_text(errors="replace") for p in (root / "logs").iterdir())
     _, mlflow_password = stack.mlflow_login(root)
     assert (root / stack.MLFLOW_AUTH_FILE).stat().st_mode & 0o077 == 0
-    for secret in (*jwt_keys, (root / stack.TLS_DIR / "weed.key").read_text().splitlines()[1], mlflow_password):
+    prefect_password = stack.prefect_auth_string(root).split(":", 1)[1]
+    assert (root / stack.PREFECT_AUTH_FILE).stat().st_mode & 0o077 == 0
+    for secret in (*jwt_keys, (root / stack.TLS_DIR / "weed.key").read_text().splitlines()[1], mlflow_password,
+                   prefect_password):
         assert secret not in printed and secret not in logs
     assert running_stack.creds.secret_key not in logs
 
@@ -560,3 +565,199 @@ def test_mlflow_artifact_proxy_reaches_only_the_mlflow_prefix(running_stack, mlf
         assert status == 400, (method, path, status)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=running_stack.bucket).get("Contents", [])}
     assert not {k for k in keys if "evil" in k}, keys
+
+
+# ---- Prefect: HTTP basic auth -----------------------------------------------------------------
+
+def basic(auth_string: str) -> str:
+    return "Basic " + base64.b64encode(auth_string.encode()).decode()
+
+
+def prefect_request(running_stack, method: str, path: str, authorization: str | None,
+                    body: dict | None = None) -> tuple[int, bytes]:
+    """(status, body) of one request to the stack's Prefect server (``path`` under its ``/api``),
+    with ``authorization`` as the Authorization header (None: no header)."""
+    headers = {"Content-Type": "application/json"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    data = json.dumps(body).encode() if body is not None else (b"{}" if method in ("POST", "PATCH") else None)
+    request = urllib.request.Request(running_stack.config.prefect_api_url + path, data=data, method=method,
+                                     headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@dataclass
+class PrefectProbe:
+    auth_string: str
+    flow_id: str
+    deployment_id: str
+    flow: str
+    deployment: str
+    as_made: dict  # the deployment as the API returned it after it was made
+
+
+@pytest.fixture(scope="module")
+def prefect_probe(running_stack) -> PrefectProbe:
+    """A flow and a deployment (as `cns serve` makes for watch, nightly, personalize and forget),
+    made with the Prefect client, which reads PREFECT_API_AUTH_STRING from the session's exports."""
+    from prefect.client.orchestration import get_client
+
+    auth_string = stack.prefect_auth_string(running_stack.config.root)
+    assert auth_string is not None and os.environ["PREFECT_API_AUTH_STRING"] == auth_string
+    name = f"security-probe-{time.time_ns()}"
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(name)
+        deployment_id = client.create_deployment(flow_id=flow_id, name="probe", parameters={"concept": "x"})
+    status, text = prefect_request(running_stack, "GET", f"/deployments/{deployment_id}", basic(auth_string))
+    assert status == 200, text[:300]
+    return PrefectProbe(auth_string, str(flow_id), str(deployment_id), name, "probe", json.loads(text))
+
+
+def prefect_requests(p: PrefectProbe) -> list[tuple[str, str, dict | None]]:
+    """What a local process would try: read flows, deployments, runs, logs, events, settings and
+    the concurrency limits; start a served deployment; change or delete it; write variables."""
+    dep = p.deployment_id
+    return [
+        ("POST", "/flows/filter", None),
+        ("GET", f"/flows/{p.flow_id}", None),
+        ("POST", "/deployments/filter", None),
+        ("GET", f"/deployments/{dep}", None),
+        ("GET", f"/deployments/name/{p.flow}/{p.deployment}", None),
+        ("POST", f"/deployments/{dep}/create_flow_run", {"parameters": {"concept": "intruder"}}),
+        ("POST", "/flow_runs/", {"flow_id": p.flow_id, "deployment_id": dep, "name": "intruder-run"}),
+        ("POST", "/flow_runs/filter", None),
+        ("POST", "/task_runs/filter", None),
+        ("POST", "/logs/filter", None),
+        ("POST", "/events/filter", None),
+        ("PATCH", f"/deployments/{dep}", {"description": "intruder"}),
+        ("POST", f"/deployments/{dep}/pause_deployment", None),
+        ("DELETE", f"/deployments/{dep}", None),
+        ("POST", "/variables/", {"name": "intruder", "value": "x"}),
+        ("POST", "/variables/filter", None),
+        ("POST", "/v2/concurrency_limits/filter", None),
+        ("POST", "/v2/concurrency_limits/", {"name": "intruder-limit", "limit": 1}),
+        ("POST", "/work_pools/filter", None),
+        ("POST", "/automations/filter", None),
+        ("GET", "/admin/settings", None),
+        ("GET", "/admin/version", None),
+        ("GET", "/openapi.json", None),
+        ("POST", "/health", None),  # only GET /health and GET /ready are exempt
+    ]
+
+
+def assert_prefect_unchanged(running_stack, p: PrefectProbe) -> None:
+    """With the auth string: the deployment is as it was, no flow run was made, nothing an intruder
+    tried is there."""
+    auth = basic(p.auth_string)
+    status, text = prefect_request(running_stack, "GET", f"/deployments/{p.deployment_id}", auth)
+    assert status == 200, text[:300]
+    deployment = json.loads(text)
+    for key in ("updated", "description", "paused", "parameters"):
+        assert deployment[key] == p.as_made[key], key
+    status, text = prefect_request(running_stack, "POST", "/flow_runs/filter", auth,
+                                   {"flows": {"id": {"any_": [p.flow_id]}}})
+    assert status == 200 and json.loads(text) == [], text[:300]
+    status, text = prefect_request(running_stack, "POST", "/variables/filter", auth)
+    assert status == 200 and "intruder" not in {v["name"] for v in json.loads(text)}
+    status, text = prefect_request(running_stack, "POST", "/v2/concurrency_limits/filter", auth)
+    assert status == 200 and "intruder-limit" not in {c["name"] for c in json.loads(text)}
+
+
+def ws_answer(url: str, subprotocols: list[str] | None, token: str | None) -> str:
+    """What a websocket client gets from ``url``: 'refused' (handshake), 'closed <code>' (after the
+    auth message) or the server's first message."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    try:
+        with connect(url, subprotocols=subprotocols, open_timeout=30, close_timeout=2) as ws:
+            if token is not None:
+                ws.send(json.dumps({"type": "auth", "token": token}))
+            try:
+                return ws.recv(timeout=30)
+            except ConnectionClosed as exc:
+                return f"closed {exc.rcvd.code if exc.rcvd else None}"
+    except InvalidStatus as exc:
+        return f"refused {exc.response.status_code}"
+    except ConnectionClosed as exc:
+        return f"closed {exc.rcvd.code if exc.rcvd else None}"
+
+
+def test_prefect_without_the_auth_string_reads_and_starts_nothing(running_stack, prefect_probe):
+    """Every API request without the stack's auth string, with a wrong one, or with it in another
+    scheme is 401: no flow, deployment, run, log, event or setting is read, no served deployment is
+    started, changed or deleted. Websockets (events in, task runs) are refused too."""
+    p = prefect_probe
+    user, password = p.auth_string.split(":", 1)
+    wrong = [None, basic(f"{user}:wrong-{password}"), basic(f"{user}:"), basic(password), basic(f"admin:{password}"),
+             basic(""), f"Bearer {p.auth_string}", f"Bearer {base64.b64encode(p.auth_string.encode()).decode()}",
+             "Basic not-base64!"]
+    answers = {}
+    for authorization in wrong:
+        for method, path, body in prefect_requests(p):
+            status, text = prefect_request(running_stack, method, path, authorization, body)
+            answers[(authorization, method, path)] = status
+            assert status == 401, (authorization and authorization[:6], method, path, status, text[:200])
+            assert p.flow.encode() not in text
+    print(f"\nPrefect without the auth string: {len(answers)} requests, statuses {sorted(set(answers.values()))}")
+    assert_prefect_unchanged(running_stack, p)
+    ws = running_stack.config.prefect_api_url.replace("http://", "ws://")
+    for path in ("/events/in", "/events/out", "/logs/out", "/task_runs/subscriptions/scheduled"):
+        assert ws_answer(ws + path, None, None).startswith("refused"), path  # no 'prefect' subprotocol
+        for token in ("", f"{user}:wrong-{password}", password):
+            answer = ws_answer(ws + path, ["prefect"], token)
+            assert answer == "closed 1008", (path, token[:6], answer)
+    # what stays open (Prefect exempts them): the health and readiness checks, and the UI's
+    # static files and its settings (which tell the browser to ask for the auth string)
+    assert prefect_request(running_stack, "GET", "/health", None) == (200, b"true")
+    assert not stack.prefect_open(running_stack.config)  # what `up` checks of a server it did not start
+    base = running_stack.config.prefect_api_url.removesuffix("/api")
+    with urllib.request.urlopen(base + "/ui-settings", timeout=30) as resp:
+        assert json.loads(resp.read())["auth"] == "BASIC"
+
+
+def test_prefect_cli_without_the_auth_string_cannot_start_a_deployment(running_stack, prefect_probe):
+    """A local user's `prefect deployment run` against the stack, without the auth string (or with a
+    wrong one), fails and starts nothing."""
+    prefect = Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "prefect"
+    prefect = str(prefect) if prefect.exists() else stack._executable("prefect")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_AUTH_STRING"}
+    user = prefect_probe.auth_string.split(":", 1)[0]
+    for extra in ({}, {"PREFECT_API_AUTH_STRING": f"{user}:wrong"}):
+        result = subprocess.run([prefect, "deployment", "run", f"{prefect_probe.flow}/{prefect_probe.deployment}"],
+                                env={**env, **extra}, capture_output=True, text=True, timeout=180)
+        assert result.returncode != 0, result.stdout
+        assert "401" in result.stdout + result.stderr or "Unauthorized" in result.stdout + result.stderr, \
+            (result.stdout[-500:], result.stderr[-500:])
+    assert_prefect_unchanged(running_stack, prefect_probe)
+
+
+def test_prefect_with_the_auth_string_works_and_stack_env_exports_it(running_stack, prefect_probe, capsys):
+    from prefect.client.orchestration import get_client
+
+    p = prefect_probe
+    auth = basic(p.auth_string)
+    status, text = prefect_request(running_stack, "POST", "/deployments/filter", auth,
+                                   {"deployments": {"id": {"any_": [p.deployment_id]}}})
+    assert status == 200 and [d["id"] for d in json.loads(text)] == [p.deployment_id]
+    status, text = prefect_request(running_stack, "POST", f"/deployments/{p.deployment_id}/create_flow_run", auth)
+    assert status == 201, text[:300]
+    run_id = json.loads(text)["id"]
+    with get_client(sync_client=True) as client:  # the client, from PREFECT_API_AUTH_STRING
+        assert str(client.read_flow_run(run_id).deployment_id) == p.deployment_id
+        client.delete_flow_run(run_id)
+    ws = running_stack.config.prefect_api_url.replace("http://", "ws://")
+    assert json.loads(ws_answer(ws + "/events/out", ["prefect"], p.auth_string)) == {"type": "auth_success"}
+    parser = argparse.ArgumentParser(prog="cns")
+    stack_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["stack", "env", "--dir", str(running_stack.config.root)])
+    capsys.readouterr()
+    assert args.func(args) == 0
+    exports = dict(line[len("export "):].split("=", 1) for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("export "))
+    assert exports["PREFECT_API_AUTH_STRING"] == p.auth_string
+    assert (running_stack.config.root / stack.PREFECT_AUTH_FILE).stat().st_mode & 0o077 == 0
