@@ -18,7 +18,7 @@ from cns.lineage import read_lineage
 from tasks import bucket, s3
 from tasks.versioning import git, init_workspace, last_version
 
-from stack_helpers import SAMPLES, make_concept, set_params
+from stack_helpers import SAMPLES, assert_learned_exactly_once, make_concept, set_params
 
 pytestmark = pytest.mark.stack
 
@@ -200,6 +200,7 @@ def test_a_run_killed_during_finetuning_is_redone_as_exactly_one_version(pipelin
     killed = client.search_runs([experiment.experiment_id], "tags.`cns.state` = 'rolled_back'")
     assert len(killed) == 1 and killed[0].info.status == "FAILED"
     assert killed[0].data.tags["cns.concept"] == "teapot"
+    assert_learned_exactly_once(ws, name, ["dog", "cat2", "teapot"])
 
 
 def test_nightly_logs_a_forgetting_report_covering_every_concept(pipeline):

@@ -18,7 +18,7 @@ from cns.lineage import read_lineage
 from tasks import bucket, s3
 from tasks.versioning import git, last_version
 
-from stack_helpers import make_concept, own_workspace
+from stack_helpers import assert_learned_exactly_once, make_concept, own_workspace
 
 pytestmark = pytest.mark.stack
 
@@ -77,6 +77,7 @@ def test_killed_between_commit_and_tag_the_next_pass_completes_the_tag(workspace
     versions = _mlflow().search_model_versions(f"name='{name}'")
     assert [v.tags["model_version"] for v in versions] == ["1"]
     assert git(ws, "status", "--porcelain", "--", "data", "dvc.lock", "metrics") == ""
+    assert_learned_exactly_once(ws, name, ["v-first"])
 
 
 def test_killed_inside_git_commit_the_stale_index_lock_does_not_wedge_the_next_pass(workspace):
@@ -94,3 +95,4 @@ def test_killed_inside_git_commit_the_stale_index_lock_does_not_wedge_the_next_p
     assert git(ws, "tag", "--list", "model-v*").split() == [f"model-v{v}" for v in range(1, before + 2)]
     assert not list((ws.root / ".git").glob("*.lock"))
     assert git(ws, "status", "--porcelain", "--", "data", "dvc.lock", "metrics") == ""
+    assert_learned_exactly_once(ws, name, ["v-first", "v-second"])
