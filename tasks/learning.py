@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import re
 import resource
@@ -26,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from cns.concept import Concept, ConceptError
 from cns.config import Config
 from cns.errors import CNSError
-from cns.lock import LockTimeout, model_lock
+from cns.lock import LockTimeout, lock_path, model_lock
 from cns.cumulative import CumulativeModel, open_model
 from cns.evaluate import load_judges
 from cns import learn as steps
@@ -84,10 +85,12 @@ def lineage_lock(ws: Workspace, config: Config, timeout_seconds: float | None = 
     timeout = config.pipeline.lock_timeout_seconds if timeout_seconds is None else timeout_seconds
     if lock_name(config) not in _LIMITS_READY and ensure_limits(config):
         _LIMITS_READY.add(lock_name(config))
-    with model_lock(ws.model_dir, timeout, what=f"cns pipeline, {_flow_run_label()}") as killed_holder, \
+    with waiting(ws) as mine, \
+            model_lock(ws.model_dir, timeout, what=f"cns pipeline, {_flow_run_label()}") as killed_holder, \
             contextlib.ExitStack() as held:
         if killed_holder:
             mark_crashed(killed_holder)
+        crash_dead_waiters(ws, mine)
         try:
             # A 60 s lease (the shortest Prefect allows), renewed while held: a killed holder
             # frees the lineage within about a minute.
@@ -100,13 +103,64 @@ def lineage_lock(ws: Workspace, config: Config, timeout_seconds: float | None = 
         yield
 
 
+def waiting_dir(ws: Workspace) -> Path:
+    """``data/.model.waiting/``: one file per pass that waits for (or holds) the lineage."""
+    return lock_path(ws.model_dir).with_suffix(".waiting")
+
+
+@contextlib.contextmanager
+def waiting(ws: Workspace):
+    """While this pass waits for the lineage and holds it, a file of its own naming its flow run,
+    flock-ed by it: the kernel frees that flock when the process dies, so a file whose flock can be
+    taken belongs to a pass that was killed (while waiting, where the lock file's holder line
+    cannot tell). Yields the file, or None outside a flow run (nothing to mark then)."""
+    label = _flow_run_label()
+    if label == "no flow run":
+        yield None
+        return
+    directory = waiting_dir(ws)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / uuid.uuid4().hex
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(label + "\n")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def crash_dead_waiters(ws: Workspace, mine: Path | None) -> list[str]:
+    """Mark Crashed the flow runs of passes killed while they waited for the lineage (their files'
+    flocks are free); remove their files. Returns the marked runs' ids."""
+    directory = waiting_dir(ws)
+    marked = []
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if path == mine:
+            continue
+        try:
+            with open(path) as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its pass is alive, still waiting
+                label = handle.read().strip()
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:  # its pass just finished
+            continue
+        if label and (run_id := mark_crashed(label, "waited for the lineage")):
+            marked.append(run_id)
+    return marked
+
+
 def _flow_run_label() -> str:
     from prefect.runtime import flow_run
 
     return f"flow run {flow_run.name} ({flow_run.id})" if flow_run.id else "no flow run"
 
 
-def mark_crashed(holder: str) -> str | None:
+def mark_crashed(holder: str, doing: str = "held the lineage") -> str | None:
     """Set Crashed the Prefect flow run of a pass that was killed while it held the lineage
     (``holder``: the line it left in the lock file), if it still reads Running or Pending: nothing
     else ever would, as Prefect does not watch a flow run's process. Returns its id, or None."""
@@ -122,8 +176,8 @@ def mark_crashed(holder: str) -> str | None:
             run = client.read_flow_run(uuid.UUID(match.group(1)))
             if run.state is None or not (run.state.is_running() or run.state.is_pending()):
                 return None
-            client.set_flow_run_state(run.id, Crashed(message=f"its process was killed while it held the lineage "
-                                                              f"({holder}); the next pass recovered the workspace"),
+            client.set_flow_run_state(run.id, Crashed(message=f"its process was killed while it {doing} ({holder}); "
+                                                              "the next pass recovered the workspace"),
                                       force=True)
     except (ObjectNotFound, PrefectHTTPStatusError, OSError, RuntimeError) as exc:
         log.warning("could not mark the flow run of a killed pass Crashed (%s): %s", holder, exc)

@@ -205,6 +205,33 @@ def test_a_pass_killed_mid_way_is_marked_crashed_in_prefect_by_the_next_pass(wor
     assert rolled_back.info.status == "FAILED"
 
 
+def test_a_pass_killed_while_waiting_for_the_lineage_is_marked_crashed_by_the_next_pass(workspace):
+    """Killed before it held the lineage, a pass leaves no holder line in the lock file; its own
+    file in data/.model.waiting/ (flock-ed while it lives) tells the next pass."""
+    from flows.pipeline import watch
+    from tasks.learning import waiting_dir
+
+    ws, name, src = workspace
+    bucket.drop(s3.client(), name, make_concept(src, "waited"))
+    cli = Path(sys.executable).parent / "cns"
+    with model_lock(ws.model_dir, 5, what="cns learn"):  # the lineage is busy: the pass waits
+        proc = subprocess.Popen([str(cli), "run-once", "--workspace", str(ws.root)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while not (waiting_dir(ws).is_dir() and any(waiting_dir(ws).iterdir())) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the pass ended instead of waiting"
+            time.sleep(0.5)
+        assert any(waiting_dir(ws).iterdir()), "the waiting pass left no file"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    (left,) = _flow_runs(ws.root, "RUNNING")
+    assert [o["outcome"] for o in watch(str(ws.root))] == ["learned"]
+    assert [r.id for r in _flow_runs(ws.root, "CRASHED")] == [left.id]
+    assert _flow_runs(ws.root, "RUNNING") == []
+    assert list(waiting_dir(ws).iterdir()) == []
+    assert "/data/.model.waiting/" in (ws.root / ".gitignore").read_text()
+
+
 def test_a_slot_held_across_a_prefect_restart_is_freed_by_its_holder(workspace, running_stack):
     """The lineage's Prefect slot is taken with a lease; the server restarts; the holder gives the
     slot back. The lease must survive the restart, or the slot stays taken for good."""
