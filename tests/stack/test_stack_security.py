@@ -542,14 +542,19 @@ def test_mlflow_with_the_login_works_and_stack_env_exports_it(running_stack, mlf
                                      login)
     assert status == 200 and json.loads(text)["registered_model"]["name"] == mlflow_probe.model
     assert mlflow_request(running_stack, "GET", "/", login)[0] == 200  # the UI, once the browser has the login
+    exports = stack_env_exports(running_stack, capsys)
+    assert (exports["MLFLOW_TRACKING_USERNAME"], exports["MLFLOW_TRACKING_PASSWORD"]) == login
+
+
+def stack_env_exports(running_stack, capsys) -> dict[str, str]:
+    """What `cns stack env` exports, as a user's shell would get it."""
     parser = argparse.ArgumentParser(prog="cns")
     stack_cli.add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["stack", "env", "--dir", str(running_stack.config.root)])
     capsys.readouterr()
     assert args.func(args) == 0
-    exports = dict(line[len("export "):].split("=", 1) for line in capsys.readouterr().out.splitlines()
-                   if line.startswith("export "))
-    assert (exports["MLFLOW_TRACKING_USERNAME"], exports["MLFLOW_TRACKING_PASSWORD"]) == login
+    return dict(line[len("export "):].split("=", 1) for line in capsys.readouterr().out.splitlines()
+                if line.startswith("export "))
 
 
 def test_mlflow_artifact_proxy_reaches_only_the_mlflow_prefix(running_stack, mlflow_probe):
@@ -752,12 +757,6 @@ def test_prefect_with_the_auth_string_works_and_stack_env_exports_it(running_sta
         client.delete_flow_run(run_id)
     ws = running_stack.config.prefect_api_url.replace("http://", "ws://")
     assert json.loads(ws_answer(ws + "/events/out", ["prefect"], p.auth_string)) == {"type": "auth_success"}
-    parser = argparse.ArgumentParser(prog="cns")
-    stack_cli.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["stack", "env", "--dir", str(running_stack.config.root)])
-    capsys.readouterr()
-    assert args.func(args) == 0
-    exports = dict(line[len("export "):].split("=", 1) for line in capsys.readouterr().out.splitlines()
-                   if line.startswith("export "))
+    exports = stack_env_exports(running_stack, capsys)
     assert exports["PREFECT_API_AUTH_STRING"] == p.auth_string
     assert (running_stack.config.root / stack.PREFECT_AUTH_FILE).stat().st_mode & 0o077 == 0
