@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded local stack: sets up .venv if needed, starts SeaweedFS, MLflow and
-# Prefect on 127.0.0.1 (kept running afterwards; `.venv/bin/cns stack down` stops them), drops two
-# sample concepts into the bucket, runs the watch and nightly flows (tiny base model, CPU), and
+# Prefect on 127.0.0.1 (kept running afterwards; `.venv/bin/cns stack down` stops them), drops three
+# world concepts into the bucket, runs the watch and nightly flows (the world's pretrained model, CPU), and
 # prints the MLflow and Prefect URLs, the model versions and where the sample images are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
