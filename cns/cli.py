@@ -8,6 +8,7 @@ inputs before it changes anything, and reports problems as CNSError (one line, e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -68,13 +69,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cns.regions import parse_region
 
     config = _config(args)
-    gen = config.generate
-    if args.num_images is not None:
-        gen.num_images_per_prompt = args.num_images
-    if args.steps is not None:
-        gen.num_inference_steps = args.steps
-    if args.seed is not None:
-        gen.seed = args.seed
+    # The options are the generate section's keys; the config itself is not changed.
+    gen = dataclasses.replace(config.generate, **{key: getattr(args, key) for key in
+                                                   ("num_images_per_prompt", "num_inference_steps", "seed")
+                                                   if getattr(args, key) is not None})
     regions = [parse_region(text) for text in args.region]
     cumulative = open_model(_model_dir(args, config), config)
     images = generate(cumulative.model, args.prompts, gen, progress=not args.quiet, regions=regions)
@@ -156,9 +154,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", parents=[common], help="generate PNG images from prompts")
     p.add_argument("prompts", nargs="+", help="prompts; may hold several learned tokens")
     p.add_argument("--out", default="outputs/generate", help="output directory")
-    p.add_argument("--num-images", type=int, help="images per prompt")
-    p.add_argument("--steps", type=int, help="sampling steps")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--num-images-per-prompt", "--num-images", dest="num_images_per_prompt", type=int,
+                   help="images per prompt (generate.num_images_per_prompt)")
+    p.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int,
+                   help="sampling steps (generate.num_inference_steps)")
+    p.add_argument("--seed", type=int, help="generate.seed")
     p.add_argument("--region", action="append", default=[], metavar="BOX=PROMPT",
                    help="a regional prompt read only inside BOX (left, right, top, bottom, full or x0,y0,x1,y1 "
                         "in 0..1), e.g. --region 'left=a <dog1> dog on a sofa'; repeat per concept")

@@ -81,7 +81,7 @@ def test_a_full_image_region_with_the_global_prompt_changes_nothing_and_processo
 def test_cns_generate_takes_regions_on_the_latent_tiny_model(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "a photo of a dog and a cat",
                           "--region", "left=a photo of a dog", "--region", "right=a photo of a cat",
-                          "--steps", "2", "--num-images", "1", "--out", str(tmp_path / "gen"),
+                          "--num-inference-steps", "2", "--num-images-per-prompt", "1", "--out", str(tmp_path / "gen"),
                           "--model-dir", str(tmp_path / "model"), "--set", "model.device=cpu", "-q"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
