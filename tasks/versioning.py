@@ -173,12 +173,20 @@ def add_and_push(ws: Workspace, record: ConceptRecord | None) -> None:
     record the in-process metrics as the ``evaluate`` stage's outputs, and push everything to
     the remote (idempotent)."""
     with dvc_repo(ws) as repo:
-        repo.add(["data/model", *([f"data/concepts/{record.name}"] if record is not None else [])])
+        # One target at a time, so that the fault tests can kill the worker half-way through each
+        # (``dvc-add-half``: the model added, the dataset not; ``dvc-push-half``: the model's objects
+        # on the remote, the rest not): the states a kill inside one dvc call can leave.
+        repo.add(["data/model"])
+        fault_point("dvc-add-half")
+        if record is not None:
+            repo.add([f"data/concepts/{record.name}"])
         if (ws.metrics_dir / "eval.json").exists():
             repo.commit("evaluate", force=True)
         if (ws.root / "data" / "cache").exists():
             repo.commit("calibrate", force=True)
         fault_point("dvc-add")
+        repo.push(["data/model"])
+        fault_point("dvc-push-half")
         repo.push()
         fault_point("dvc-push")
 
@@ -323,7 +331,10 @@ def rollback_uncommitted(ws: Workspace) -> int | None:
         git(ws, "rm", "-q", "--cached", "--", *staged)
     for path in staged | set(git(ws, "diff", "--name-only", ref, "HEAD", "--", *paths).split()) - set(in_ref):
         (ws.root / path).unlink(missing_ok=True)  # committed after the tag (or staged) by an unfinished version
-    git(ws, "clean", "-fdq", "--", "data/concepts", METRICS, check=False)
+    # Untracked files of the unfinished version: its dataset folders, metrics, and a first version's
+    # data/model.dvc written by `dvc add` (which the checkout below would otherwise restore the
+    # thrown-away model from). Tracked ones came back from the tag above.
+    git(ws, "clean", "-fdq", "--", "data/concepts", METRICS, "data/model.dvc", "dvc.lock", check=False)
     tracked_dvc = set(git(ws, "ls-files", "--", "data/concepts").split())
     if ws.concepts_dir.exists():
         for folder in ws.concepts_dir.iterdir():

@@ -35,8 +35,8 @@ FAST = {"train": {"max_train_steps": 4}, "scoring": {"num_score_samples": 2, "sc
         "evaluate": {"num_inference_steps": 2, "num_images_per_prompt": 1, "loss_draws": 2}}
 CNS = Path(sys.executable).parent / "cns"
 # The named points of tasks.faults, in the order a learn reaches them; True: the version is tagged there.
-KILL_POINTS = {"fetch": False, "score": False, "write-version": False, "mlflow-log": False, "dvc-add": False,
-               "dvc-push": False, "registry": True}
+KILL_POINTS = {"fetch": False, "score": False, "write-version": False, "mlflow-log": False, "dvc-add-half": False,
+               "dvc-add": False, "dvc-push-half": False, "dvc-push": False, "registry": True}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,19 @@ def test_a_worker_killed_inside_a_step_is_finished_by_the_next_pass(workspace, p
 
     assert next_pass(ws) == ([] if tagged else [(concept, "learned", before + 1)])
     assert_learned_exactly_once(ws, name, dropped)
+
+
+@pytest.mark.parametrize("point", ["dvc-add", "dvc-push"])
+def test_the_first_version_killed_after_dvc_add_is_learned_by_the_next_pass(running_stack, tmp_path_factory, point):
+    """With no tag yet, the untracked data/model.dvc that `dvc add` wrote must go with the rest of
+    the unfinished version (it used to bring the thrown-away model back: the dataset then read as
+    learned, with no version)."""
+    with own_workspace(tmp_path_factory, "first-kill", **FAST) as (ws, name, root):
+        bucket.drop(s3.client(), name, make_concept(root / "src", "first", seed=1))
+        assert finish(start_worker(ws, **{FAULT_VARIABLE: point})) == -signal.SIGKILL
+        assert last_version(ws) == 0
+        assert next_pass(ws) == [("first", "learned", 1)]
+        assert_learned_exactly_once(ws, name, ["first"])
 
 
 def wait_for_run_of(model_name: str, concept: str, worker: subprocess.Popen, timeout: float = 300) -> None:
