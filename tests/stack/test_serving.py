@@ -123,12 +123,16 @@ def test_mlflow_models_serve_answers_an_invocation_with_images_from_a_cold_start
     _, name = versions
     port = _free_port()
     body = {"dataframe_records": [{"prompt": _prompt()}], "params": {"num_inference_steps": 2, "seed": 7}}
+    import torch
+
     log = (tmp_path / "serve.log").open("w")
     start = time.monotonic()
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@current",
                                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
                               # The server runs `uvicorn` from PATH: the venv is active, as a user's would be.
-                              env=dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"),
+                              # ... with this process's torch thread count, so both run the same kernels.
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                                       OMP_NUM_THREADS=str(torch.get_num_threads())),
                               stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
@@ -155,7 +159,11 @@ def test_mlflow_models_serve_answers_an_invocation_with_images_from_a_cold_start
     # The server's image is the one the same version gives in this process for the same request.
     here = mlflow.pyfunc.load_model(f"models:/{name}@current").predict(
         pd.DataFrame({"prompt": [_prompt()]}), params=body["params"])
-    assert (served == _decode(here["image"][0])).all()
+    # (Bit for bit where the kernels match; allow float noise of under one grey level on average,
+    # far below the ~30-60 levels between images of another prompt or seed.)
+    import numpy as np
+
+    assert np.abs(served.astype(np.int16) - _decode(here["image"][0]).astype(np.int16)).mean() < 1.0
 
 
 def test_dvc_artifacts_get_fetches_model_v1_after_v2_exists(versions, tmp_path):
