@@ -72,6 +72,15 @@ def own_workspace(tmp_path_factory, prefix: str, **sections):
             os.environ["CNS_BUCKET"] = saved
 
 
+def runs_tagged(model_name: str, tag: str, value: str) -> list:
+    """The MLflow runs of the lineage ``model_name`` whose tag ``tag`` is ``value``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(model_name)
+    return client.search_runs([experiment.experiment_id], f"tags.`{tag}` = '{value}'")
+
+
 # ---- the invariants every fault test ends with ------------------------------------------------
 
 def _remote_json(ws, md5: str):

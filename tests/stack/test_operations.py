@@ -21,7 +21,7 @@ from cns.lock import LockTimeout, lock_path, model_lock
 from tasks import bucket, s3
 from tasks.versioning import git, last_version
 
-from stack_helpers import make_concept, own_workspace, set_params
+from stack_helpers import make_concept, own_workspace, runs_tagged, set_params
 
 pytestmark = pytest.mark.stack
 REPO = Path(__file__).resolve().parents[2]
@@ -41,12 +41,6 @@ def _mlflow():
     from mlflow import MlflowClient
 
     return MlflowClient()
-
-
-def _runs(model_name: str, concept: str):
-    client = _mlflow()
-    experiment = client.get_experiment_by_name(model_name)
-    return client.search_runs([experiment.experiment_id], f"tags.`cns.concept` = '{concept}'")
 
 
 @pytest.fixture
@@ -165,7 +159,7 @@ def test_a_retried_start_run_takes_up_its_run_and_no_orphan_takes_the_alias(work
     assert [o["outcome"] for o in watch(str(ws.root))] == ["learned"]
     assert failures, "the failure was never injected"
     assert watch(str(ws.root)) == []  # the next pass's recovery sees every run
-    (run,) = _runs(name, "retried")
+    (run,) = runs_tagged(name, "cns.concept", "retried")
     assert run.info.run_id == failures[0] and run.data.tags["cns.state"] == "complete"
     versions = _mlflow().search_model_versions(f"name='{name}'")
     assert [(v.tags["model_version"], v.run_id) for v in versions] == [("1", run.info.run_id)]
@@ -201,7 +195,7 @@ def test_a_pass_killed_mid_way_is_marked_crashed_in_prefect_by_the_next_pass(wor
     assert git(ws, "tag", "--list", "model-v*").split() == ["model-v1"]
     assert [r.id for r in _flow_runs(ws.root, "CRASHED")] == [left.id]
     assert _flow_runs(ws.root, "RUNNING") == []
-    (rolled_back,) = [r for r in _runs(name, "killed") if r.data.tags["cns.state"] == "rolled_back"]
+    (rolled_back,) = [r for r in runs_tagged(name, "cns.concept", "killed") if r.data.tags["cns.state"] == "rolled_back"]
     assert rolled_back.info.status == "FAILED"
 
 

@@ -4,7 +4,6 @@ tracked in the MLflow server and versioned with DVC in a git workspace."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -16,9 +15,9 @@ import pytest
 
 from cns.lineage import read_lineage
 from tasks import bucket, s3
-from tasks.versioning import git, init_workspace, last_version
+from tasks.versioning import git, last_version
 
-from stack_helpers import SAMPLES, assert_learned_exactly_once, make_concept, set_params
+from stack_helpers import SAMPLES, assert_learned_exactly_once, make_concept, own_workspace, set_params
 
 pytestmark = pytest.mark.stack
 
@@ -35,22 +34,10 @@ def pipeline(running_stack, tmp_path_factory):
     """A workspace and a bucket of its own, dog and cat2 dropped and learned by one watch pass."""
     from flows.pipeline import watch
 
-    name = f"pipe-{random.randrange(10**8)}"
-    s3.client().create_bucket(Bucket=name)
-    saved = os.environ.get("CNS_BUCKET")
-    os.environ["CNS_BUCKET"] = name
-    try:
-        ws = init_workspace(tmp_path_factory.mktemp("ws") / "workspace")
-        set_params(ws, pipeline={"model_name": name}, **FAST)
+    with own_workspace(tmp_path_factory, "pipe", **FAST) as (ws, name, _):
         for concept in ("dog", "cat2"):
             _drop(SAMPLES / concept)
-        outcomes = watch(str(ws.root))
-        yield ws, name, outcomes
-    finally:
-        if saved is None:
-            os.environ.pop("CNS_BUCKET", None)
-        else:
-            os.environ["CNS_BUCKET"] = saved
+        yield ws, name, watch(str(ws.root))
 
 
 def _client():

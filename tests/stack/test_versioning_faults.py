@@ -18,7 +18,7 @@ from cns.lineage import read_lineage
 from tasks import bucket, s3
 from tasks.versioning import git, last_version
 
-from stack_helpers import assert_learned_exactly_once, make_concept, own_workspace
+from stack_helpers import assert_learned_exactly_once, make_concept, own_workspace, runs_tagged
 
 pytestmark = pytest.mark.stack
 
@@ -52,12 +52,6 @@ def _mlflow():
     return MlflowClient()
 
 
-def _runs(model_name: str, state: str):
-    client = _mlflow()
-    experiment = client.get_experiment_by_name(model_name)
-    return client.search_runs([experiment.experiment_id], f"tags.`cns.state` = '{state}'")
-
-
 def test_killed_between_commit_and_tag_the_next_pass_completes_the_tag(workspace):
     from flows.pipeline import watch
 
@@ -71,9 +65,9 @@ def test_killed_between_commit_and_tag_the_next_pass_completes_the_tag(workspace
     assert git(ws, "tag", "--list", "model-v*").split() == ["model-v1"]
     assert git(ws, "rev-list", "-n", "1", "model-v1") == git(ws, "rev-parse", "HEAD")
     assert read_lineage(ws.model_dir).version == 1 and last_version(ws) == 1
-    (run,) = _runs(name, "complete")
+    (run,) = runs_tagged(name, "cns.state", "complete")
     assert run.data.tags["cns.concept"] == "v-first" and run.info.status == "FINISHED"
-    assert _runs(name, "rolled_back") == []
+    assert runs_tagged(name, "cns.state", "rolled_back") == []
     versions = _mlflow().search_model_versions(f"name='{name}'")
     assert [v.tags["model_version"] for v in versions] == ["1"]
     assert git(ws, "status", "--porcelain", "--", "data", "dvc.lock", "metrics") == ""
