@@ -606,6 +606,8 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
         if pending:
             time.sleep(0.2)
     ensure_bucket(config, creds)
+    if "s3" in to_start:
+        ensure_readable(config, creds, max(deadline, time.monotonic() + 20))
     if "prefect" not in to_start and prefect_open(config):
         log.warning("the running Prefect server (%s) answers without authentication: it was started before "
                     "authentication was turned on; restart it (cns stack down, then cns stack up)",
@@ -643,11 +645,54 @@ def ensure_bucket(config: StackConfig, creds: Credentials) -> None:
     raise StackError(f"s3://{config.bucket}", f"cannot create the bucket ({err})", "bucket_failed")
 
 
+PROBE_KEY = ".stack-ready"  # at the root: no directory entry is left behind
+
+
+def ensure_readable(config: StackConfig, creds: Credentials, deadline: float) -> None:
+    """Wait until the restarted gateway serves reads, not only its health check.
+
+    After a restart the filer learns where the volumes are from the master, which learns it from
+    the volume server's heartbeat; until then GetObject answers InternalError although every
+    /healthz is 200 (seen on CI after a killed S3 server). One object written and read back, and
+    the first stored object read, prove the path for every volume of the one volume server.
+    """
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    s3 = boto3.client("s3", endpoint_url=config.s3_url, aws_access_key_id=creds.access_key,
+                      aws_secret_access_key=creds.secret_key, region_name="us-east-1",
+                      config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+    body, failures, last = secrets.token_bytes(16), 0, None
+    while True:
+        try:
+            s3.put_object(Bucket=config.bucket, Key=PROBE_KEY, Body=body)
+            if s3.get_object(Bucket=config.bucket, Key=PROBE_KEY)["Body"].read() != body:
+                raise StackError(f"s3://{config.bucket}/{PROBE_KEY}", "read back other bytes than written",
+                                 "bucket_failed")
+            listed = s3.list_objects_v2(Bucket=config.bucket, MaxKeys=2).get("Contents", [])
+            for item in listed:
+                if item["Key"] != PROBE_KEY and item["Size"] > 0:
+                    s3.get_object(Bucket=config.bucket, Key=item["Key"], Range="bytes=0-0")["Body"].read()
+                    break
+            s3.delete_object(Bucket=config.bucket, Key=PROBE_KEY)
+            if failures:
+                log.info("s3 serves reads after %d failed tries (%s)", failures, last)
+            return
+        except (ClientError, BotoCoreError) as exc:
+            failures, last = failures + 1, exc
+            if time.monotonic() > deadline:
+                raise StackError(f"s3://{config.bucket}", f"the S3 server does not serve reads yet ({exc})",
+                                 "service_timeout") from None
+            time.sleep(0.2)
+
+
 # A standalone `weed filer` waits out a 15 s gRPC graceful stop for its own metadata subscription,
 # which never ends by itself (`weed mini` shortens that to 1 s; the filer command has no flag). Once
 # the master and the volume server have exited there is nothing left for it to do: what it
 # acknowledged is already written to its store's log, which a killed process does not lose.
 FILER_GRACE = 2.0
+KILL_WAIT = 10.0
 
 
 def down(config: StackConfig, timeout: float = 15.0) -> list[str]:
@@ -674,6 +719,9 @@ def stop_service(config: StackConfig, name: str, timeout: float = 15.0) -> bool:
     if _group_members(pgid):
         log.warning("%s did not stop within %.0f s, killing it", name, timeout)
         _signal_group(pgid, signal.SIGKILL)
+    killed = time.monotonic() + KILL_WAIT
+    while _group_members(pgid) and time.monotonic() < killed:  # SIGKILL is not instant for a busy process
+        time.sleep(0.05)
     log.info("stopped %s (pid %d) in %.1f s", name, pgid, time.monotonic() - start)
     _record_path(config, name).unlink(missing_ok=True)
     return True
