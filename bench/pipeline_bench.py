@@ -72,7 +72,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="cns-pipeline-bench-"))
     base = random.randrange(20000, 22000, 7)
     config = stack.StackConfig.resolve(root=tmp / "stack", ports={"s3": base, "mlflow": base + 3100,
-                                                                   "prefect": base + 3200}, bucket="bench")
+                                                                   "prefect": base + 3200, "events": base + 3300}, bucket="bench")
     print(f"stack in {tmp}", flush=True)
     _, creds = stack.up(config, timeout=120)
     os.environ.update(stack.client_env(config, creds, with_secret=True))

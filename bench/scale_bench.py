@@ -64,7 +64,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="cns-scale-bench-"))
     base = random.randrange(22000, 24000, 7)
     config = stack.StackConfig.resolve(root=tmp / "stack", ports={"s3": base, "mlflow": base + 3100,
-                                                                   "prefect": base + 3200}, bucket="scale")
+                                                                   "prefect": base + 3200, "events": base + 3300}, bucket="scale")
     _, creds = stack.up(config, timeout=180)
     os.environ.update(stack.client_env(config, creds, with_secret=True))
     client = s3.client()  # `up` made the bucket

@@ -36,7 +36,7 @@ def free_ports() -> dict[str, int]:
     rng = random.Random()
     while True:
         ports = {"s3": rng.randrange(20000, 22000), "mlflow": rng.randrange(23000, 26000),
-                 "prefect": rng.randrange(26000, 29000)}
+                 "prefect": rng.randrange(26000, 29000), "events": rng.randrange(29000, 30000)}
         config = stack.StackConfig(ports=ports)
         if all(stack._port_free(p) for name in stack.SERVICES for p in config.service_ports(name)):
             return ports

@@ -2,18 +2,23 @@
 
 ``cns serve`` serves ``watch`` (interval), ``nightly`` (cron), ``personalize`` and ``forget`` (run on
 demand, e.g. from the UI with a concept name) from this process against the Prefect server in
-``PREFECT_API_URL``. For a GPU machine, ``prefect.yaml`` deploys ``personalize`` to a work pool
+``PREFECT_API_URL``, and starts a watch pass within seconds of a bucket event (tasks/events.py;
+the interval schedule is the fallback). For a GPU machine, ``prefect.yaml`` deploys ``personalize`` to a work pool
 instead (see README, "GPU workers").
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
 from cns.config import Config
+from cns.lineage import read_lineage
 from flows.pipeline import forget, nightly, personalize, watch
 from tasks.learning import ensure_limits
+
+log = logging.getLogger(__name__)
 
 
 def schedule_settings(config: Config) -> tuple[int, str, str]:
@@ -45,8 +50,59 @@ def deployments(config: Config, workspace: str) -> list:
     ]
 
 
+def event_pass(workspace: str):
+    """The check a bucket event wakes (tasks/events.py): one scan; a watch pass in this process
+    when a dataset is pending or a removal request waits; returns the seconds until the first
+    settling dataset is ready (None: nothing settling)."""
+    from tasks import bucket, s3
+    from tasks.versioning import open_workspace
+
+    def run(reason: str) -> float | None:
+        ws = open_workspace(workspace)
+        config = ws.config()
+        client, name = s3.client(), s3.bucket_name()
+        datasets = bucket.scan(client, name, limits=config.limits, lineage=read_lineage(ws.model_dir),
+                               cache=bucket.HashCache(bucket.default_cache_path(client, name)))
+        pending = [d.concept for d in datasets if d.state == "pending"]
+        if pending or bucket.removal_requests(client, name):
+            log.info("bucket event (%s): a watch pass for %s", reason, ", ".join(pending) or "a removal request")
+            watch.with_options(flow_run_name="watch-event")(workspace)
+            return 0.0  # look again: what landed during the pass
+        waits = [d.settles_in for d in datasets if d.state == "settling" and d.settles_in is not None]
+        return min(waits) + 0.2 if waits else None
+
+    return run
+
+
+def start_events(config: Config, workspace: str):
+    """Subscribe to the stack's bucket-event relay (tasks/events.py) when ``CNS_EVENTS_URL`` and
+    ``CNS_EVENTS_TOKEN`` are set (``cns stack env``): (subscriber, trigger), or None (polling only)."""
+    from tasks import s3
+    from tasks.events import PassTrigger, Subscriber
+
+    url, token = os.environ.get("CNS_EVENTS_URL"), os.environ.get("CNS_EVENTS_TOKEN")
+    if not url or not token:
+        log.info("no CNS_EVENTS_URL/CNS_EVENTS_TOKEN: new datasets are found by polling every %d s",
+                 schedule_settings(config)[0])
+        return None
+    trigger = PassTrigger(event_pass(workspace))
+    subscriber = Subscriber(url, token, s3.bucket_name(), trigger)
+    trigger.start()
+    subscriber.start()
+    trigger.wake("start")  # whatever landed while nothing listened
+    log.info("bucket events from %s start a pass within seconds; polling every %d s stays as the fallback",
+             url, schedule_settings(config)[0])
+    return subscriber, trigger
+
+
 def serve_all(config: Config, workspace: str) -> None:
     from prefect import serve
 
     ensure_limits(config)
-    serve(*deployments(config, workspace))
+    events = start_events(config, workspace)
+    try:
+        serve(*deployments(config, workspace))
+    finally:
+        if events:
+            events[0].stop()
+            events[1].stop(timeout=1)

@@ -45,6 +45,10 @@ CHANGED_FILE = "changed.json"
 # the server's clock: parallel uploaders (`aws s3 sync`) may send the manifest before the last
 # image. CNS_SETTLE_SECONDS overrides it (0: ready as soon as the manifest is there).
 SETTLE_SECONDS = 10.0
+# ... unless the uploader vouches for the folder: `cns drop` (or any tool) sends concept.yaml with
+# the S3 metadata `x-amz-meta-cns-files: <images>:<digest of their names and sizes>` (files_claim);
+# a folder that holds exactly those images is ready at once, with no settle time.
+FILES_METADATA = "cns-files"
 MAX_NAME_BYTES = 255
 CHUNK = 1 << 20
 HASH_THREADS = 8
@@ -70,8 +74,10 @@ class Dataset:
     hash_kind: str = "content"
     state: str = "incomplete"  # incomplete (no manifest yet), settling, pending, learned, rejected
     problem: ConceptError | None = None
-    # False while the newest object is younger than the settle time (set by scan).
+    # False while the newest object is younger than the settle time and the manifest does not
+    # vouch for the folder (set by scan); settles_in: seconds until it is old enough.
     settled: bool = True
+    settles_in: float | None = None
 
     @property
     def has_manifest(self) -> bool:
@@ -182,12 +188,29 @@ def settle_seconds() -> float:
     return value
 
 
-def _settled(dataset: Dataset, now: datetime, settle: float) -> bool:
+def _settles_in(dataset: Dataset, now: datetime, settle: float) -> float:
+    """Seconds until the newest object is ``settle`` old (<= 0: settled)."""
     newest = max((o.last_modified for o in dataset.objects), default="")
     if not settle or not newest:
-        return True
+        return 0.0
     modified = datetime.fromisoformat(newest.replace("Z", "+00:00"))
-    return (now - modified).total_seconds() >= settle
+    return settle - (now - modified).total_seconds()
+
+
+def files_claim(sizes: dict[str, int]) -> str:
+    """The ``cns-files`` metadata value for a folder of images {name: bytes} (manifest excluded)."""
+    lines = "".join(f"{name}\t{size}\n" for name, size in sorted(sizes.items()))
+    return f"{len(sizes)}:{hashlib.sha256(lines.encode()).hexdigest()[:32]}"
+
+
+def _vouched(s3, bucket: str, dataset: Dataset) -> bool:
+    """The manifest's ``cns-files`` metadata names exactly the images listed (one HEAD)."""
+    images = {_name(dataset, o): o.size for o in dataset.files if _name(dataset, o) != MANIFEST}
+    try:
+        head = s3.head_object(Bucket=bucket, Key=f"{INCOMING}{dataset.concept}/{MANIFEST}")
+    except client_errors():
+        return False  # replaced or removed since the listing: the next scan looks again
+    return head.get("Metadata", {}).get(FILES_METADATA) == files_claim(images)
 
 
 def rejected_keys(s3, bucket: str, concept: str | None = None) -> set[tuple[str, str]]:
@@ -251,7 +274,8 @@ def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
     """Every dataset under ``incoming/`` (or only ``incoming/<concept>/``) with its hash and state,
     sorted by concept.
 
-    Costs: one paginated listing of ``incoming/`` and one of ``rejected/``; object reads only for
+    Costs: one paginated listing of ``incoming/`` and one of ``rejected/``, one HEAD of the manifest
+    of each dataset younger than the settle time; object reads only for
     ready datasets whose listing signature is not in the cache.
     """
     cache = cache or HashCache(None)
@@ -268,9 +292,10 @@ def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,
     learned = lineage.dataset_hashes if lineage else set()
     now, settle = server.get("date") or datetime.now(timezone.utc), settle_seconds()
     for dataset in datasets.values():
-        dataset.settled = _settled(dataset, now, settle)
+        wait = _settles_in(dataset, now, settle)
+        dataset.settled = wait <= 0 or (dataset.has_manifest and _vouched(s3, bucket, dataset))
         if dataset.has_manifest and not dataset.settled:
-            dataset.state = "settling"
+            dataset.state, dataset.settles_in = "settling", wait
     ready = [d for d in datasets.values() if d.ready]
     signatures = {d.concept: d.signature for d in ready}
     learned_names = {c.name for c in lineage.concepts} if lineage else set()
@@ -484,7 +509,9 @@ def drop(s3, bucket: str, directory: str | Path, *, limits: LimitsConfig | None 
             s3.upload_file(str(path), bucket, prefix + path.name)
         for key in sorted(old - {prefix + p.name for p in files} - {prefix + MANIFEST}):
             s3.delete_object(Bucket=bucket, Key=key)
-        s3.upload_file(str(manifest), bucket, prefix + MANIFEST)
+        # vouches for the folder: ready at once, no settle time (FILES_METADATA)
+        claim = files_claim({p.name: p.stat().st_size for p in files})
+        s3.upload_file(str(manifest), bucket, prefix + MANIFEST, ExtraArgs={"Metadata": {FILES_METADATA: claim}})
     except client_errors() as exc:
         raise describe_error(exc, _uri(bucket, prefix)) from None
     return name, hash_concept_dir(directory)

@@ -33,11 +33,11 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 DEFAULT_DIR = ".stack"
-DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "prefect": 4200}
+DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "prefect": 4200, "events": 8390}
 # SeaweedFS opens a gRPC port at each HTTP port + 10000; its internal servers use s3 port + 1..3.
 GRPC_OFFSET = 10000
 WEED_INTERNAL = ("master", "volume", "filer")
-SERVICES = ("s3", "mlflow", "prefect")
+SERVICES = ("s3", "mlflow", "prefect", "events")
 PORT_RELEASE_WAIT = 5.0
 
 
@@ -50,6 +50,9 @@ class StackConfig:
     root: Path = Path(DEFAULT_DIR)
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     bucket: str = "cns"
+
+    def __post_init__(self):
+        self.ports = {**DEFAULT_PORTS, **self.ports}  # a service not named keeps its standard port
 
     @classmethod
     def resolve(cls, root: str | Path | None = None, ports: dict[str, int | None] | None = None,
@@ -88,6 +91,10 @@ class StackConfig:
     @property
     def prefect_api_url(self) -> str:
         return f"http://{HOST}:{self.ports['prefect']}/api"
+
+    @property
+    def events_url(self) -> str:
+        return f"http://{HOST}:{self.ports['events']}"
 
     def service_ports(self, name: str) -> list[int]:
         """Every port a service binds (for the port-in-use check before starting it)."""
@@ -154,6 +161,10 @@ def client_env(config: StackConfig, creds: Credentials | None, with_secret: bool
     auth_string = prefect_auth_string(config.root) if logins else None
     if auth_string is not None:
         env["PREFECT_API_AUTH_STRING"] = auth_string
+    token = events_token(config.root) if logins else None
+    if token is not None:  # the bucket-event relay `cns serve` subscribes to (tasks/events.py)
+        env["CNS_EVENTS_URL"] = config.events_url
+        env["CNS_EVENTS_TOKEN"] = token
     return env
 
 
@@ -296,6 +307,9 @@ def _service_command(name: str, config: StackConfig, creds: Credentials) -> tupl
         argv = [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(config.ports["prefect"]),
                 "--analytics-off"]
         return argv, env
+    if name == "events":
+        env[EVENTS_TOKEN_ENV] = events_token(root, create=True)
+        return [sys.executable, "-m", "tasks.events", "--listen", f"{HOST}:{config.ports['events']}"], env
     raise ValueError(name)
 
 
@@ -419,10 +433,47 @@ def ensure_seaweed_security(root: Path) -> Path:
     return path
 
 
+# ---- bucket events: the filer's webhook to the relay ----------------------------------------------
+#
+# The filer POSTs every change under /buckets/ to the stack's event relay (tasks/events.py, the
+# "events" service) with a bearer token made once per stack (<root>/events_token, 0600); each
+# `cns serve` long-polls the relay with the same token (CNS_EVENTS_URL/CNS_EVENTS_TOKEN).
+
+EVENTS_TOKEN_FILE = "events_token"
+EVENTS_TOKEN_ENV = "CNS_EVENTS_TOKEN"
+NOTIFICATION_FILE = "notification.toml"
+
+
+def events_token(root: Path, create: bool = False) -> str | None:
+    path = root / EVENTS_TOKEN_FILE
+    if not path.is_file():
+        if not create:
+            return None
+        _write_private(path, secrets.token_urlsafe(32).encode())
+    return path.read_text().strip()
+
+
+def ensure_notifications(config: StackConfig) -> Path:
+    """``<root>/notification.toml`` (0600; the filer reads it from its working directory at start)."""
+    token = events_token(config.root, create=True)
+    q = json.dumps
+    lines = ["# made by `cns stack up`: bucket events to the stack's relay (tasks/events.py); keep it private",
+             "[notification.webhook]", "enabled = true",
+             f"endpoint = {q(config.events_url + '/seaweedfs')}", f"bearer_token = {q(token)}",
+             # the relay only appends to memory: a refused event means it is restarting
+             "timeout_seconds = 5", "max_retries = 3", "backoff_seconds = 1", "max_backoff_seconds = 4",
+             "workers = 2", "buffer_size = 10000", 'event_types = ["create", "update", "rename", "delete"]',
+             'path_prefixes = ["/buckets/"]', ""]
+    path = config.root / NOTIFICATION_FILE
+    _write_private(path, "\n".join(lines).encode())
+    return path
+
+
 def _health_urls(name: str, config: StackConfig) -> list[str]:
     if name == "s3":  # the gateway, and a volume server that has reached the master (else reads fail)
         return [f"{config.s3_url}/healthz", f"http://{HOST}:{_weed_ports(config)['volume']}/healthz"]
-    return [{"mlflow": f"{config.mlflow_url}/health", "prefect": f"{config.prefect_api_url}/health"}[name]]
+    return [{"mlflow": f"{config.mlflow_url}/health", "prefect": f"{config.prefect_api_url}/health",
+             "events": f"{config.events_url}/health"}[name]]
 
 
 def _service_healthy(name: str, config: StackConfig, timeout: float = 2.0) -> bool:
@@ -430,7 +481,8 @@ def _service_healthy(name: str, config: StackConfig, timeout: float = 2.0) -> bo
 
 
 def _user_url(name: str, config: StackConfig) -> str:
-    return {"s3": config.s3_url, "mlflow": config.mlflow_url, "prefect": config.prefect_api_url}[name]
+    return {"s3": config.s3_url, "mlflow": config.mlflow_url, "prefect": config.prefect_api_url,
+            "events": config.events_url}[name]
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -563,6 +615,9 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
     creds = credentials(config.root, create=True)
     ensure_seaweed_security(config.root)
     to_start = [name for name in SERVICES if _read_record(config, name) is None]
+    events_token(config.root, create=True)
+    if "s3" in to_start:
+        ensure_notifications(config)
     if "mlflow" in to_start:
         ensure_mlflow_auth(config.root)
     if "prefect" in to_start:

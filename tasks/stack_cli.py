@@ -11,7 +11,10 @@ import time
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    stack = sub.add_parser("stack", help="start, stop or check the local S3 + MLflow + Prefect servers")
+    from tasks.stack import SERVICES
+
+    stack = sub.add_parser("stack", help="start, stop or check the local S3 + MLflow + Prefect servers and "
+                           "the bucket-event relay")
     stack_sub = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
     for name, func, text in (("up", _up, "start what is not running and wait until all are healthy"),
                              ("down", _down, "stop the servers this stack started"),
@@ -20,7 +23,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p = stack_sub.add_parser(name, help=text, description=text)
         p.add_argument("--dir", help="stack directory (default: $CNS_STACK_DIR or .stack)")
         if name == "up":
-            for service in ("s3", "mlflow", "prefect"):
+            for service in SERVICES:
                 p.add_argument(f"--{service}-port", type=int, help=f"port (default: $CNS_{service.upper()}_PORT, "
                                "the last one used, or the standard one)")
             p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for health (default 60)")

@@ -42,7 +42,7 @@ def free_ports() -> dict[str, int]:
         if all(_free(p) for p in probe.service_ports("s3")):
             break
     others = [p for p in rng.sample(SERVICE_PORTS, 50) if _free(p)]
-    return {"s3": s3, "mlflow": others[0], "prefect": others[1]}
+    return {"s3": s3, "mlflow": others[0], "prefect": others[1], "events": others[2]}
 
 
 @dataclass
@@ -65,7 +65,8 @@ def running_stack(tmp_path_factory) -> Stack:
     """The stack, up, with the client environment exported for the whole session."""
     saved = dict(os.environ)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_PROFILE", "CNS_BUCKET",
-                "CNS_STACK_DIR", "CNS_S3_PORT", "CNS_MLFLOW_PORT", "CNS_PREFECT_PORT"):
+                "CNS_STACK_DIR", "CNS_S3_PORT", "CNS_MLFLOW_PORT", "CNS_PREFECT_PORT", "CNS_EVENTS_PORT",
+                "CNS_EVENTS_URL", "CNS_EVENTS_TOKEN"):
         os.environ.pop(var, None)
     os.environ["HF_HUB_OFFLINE"] = "1"
     root = tmp_path_factory.mktemp("stack")

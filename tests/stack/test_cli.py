@@ -72,4 +72,4 @@ def test_stack_status_exits_zero_when_all_run(running_stack, tmp_path):
     result = cns("stack", "status", "--json", "--dir", str(running_stack.config.root), cwd=tmp_path)
     assert result.returncode == 0
     assert {s["name"]: s["state"] for s in json.loads(result.stdout)} == {
-        "s3": "running", "mlflow": "running", "prefect": "running"}
+        "s3": "running", "mlflow": "running", "prefect": "running", "events": "running"}

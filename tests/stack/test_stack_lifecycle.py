@@ -91,7 +91,8 @@ def test_port_in_use_is_a_clear_error_and_starts_nothing(tmp_path):
         busy.bind((stack.HOST, 0))
         busy.listen()
         port = busy.getsockname()[1]
-        config = stack.StackConfig(root=tmp_path / "other", ports={"s3": port, "mlflow": port, "prefect": port})
+        config = stack.StackConfig(root=tmp_path / "other", ports={"s3": port, "mlflow": port, "prefect": port,
+                                                                             "events": port})
         with pytest.raises(stack.StackError) as exc:
             stack.up(config)
     assert exc.value.code == "port_in_use"
@@ -121,7 +122,7 @@ def test_status_reports_a_killed_server_as_down_and_up_restarts_it(running_stack
     while stack._group_members(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     states = {s.name: s.state for s in stack.status(config)}
-    assert states == {"s3": "stopped", "mlflow": "running", "prefect": "running"}
+    assert states == {"s3": "stopped", "mlflow": "running", "prefect": "running", "events": "running"}
     assert cli("stack", "status", "--dir", str(config.root)) == 1
     assert "s3       stopped" in capsys.readouterr().out
     items, _ = stack.up(config, timeout=120)

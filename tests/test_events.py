@@ -1,0 +1,243 @@
+"""The bucket-event relay and subscriber (tasks/events.py) on real sockets: authentication, both
+payload formats, long polls, what wakes a pass, and passes that coalesce. The filer's webhook to
+the stack's relay and a `cns serve` that learns from it: tests/stack/test_events_ingest.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tasks.events import BucketEvent, EventsConfigError, PassTrigger, Relay, Subscriber, parse_events
+
+TOKEN = "t" * 40
+
+
+class Wakes:
+    def __init__(self):
+        self.reasons = []
+
+    def wake(self, reason):
+        self.reasons.append(reason)
+
+    def wake_at(self, when, reason):
+        self.reasons.append(reason)
+
+
+@pytest.fixture
+def relay():
+    rel = Relay("127.0.0.1:0", TOKEN).start()
+    yield rel
+    rel.stop()
+
+
+def request(url, path="/seaweedfs", body=None, token=TOKEN, headers=None, method=None):
+    data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"Content-Type": "application/json", **(headers or {}),
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+
+
+def post(url, body, **kwargs):
+    return request(url, body=body, **kwargs)[0]
+
+
+def events(url, after=0, wait=0):
+    status, body = request(url, f"/events?after={after}&wait={wait}")
+    assert status == 200
+    return json.loads(body)
+
+
+def filer_event(key, kind="create"):
+    return {"event_type": kind, "key": key, "message": {"new_entry": {"name": key.rsplit("/", 1)[-1]}}}
+
+
+def s3_records(*keys, bucket="cns", name="ObjectCreated:Put"):
+    return {"Records": [{"eventName": name, "s3": {"bucket": {"name": bucket}, "object": {"key": k}}} for k in keys]}
+
+
+@pytest.mark.parametrize("token", [None, "", "wrong", TOKEN[:-1], TOKEN + "x"])
+def test_a_request_without_the_token_is_refused_and_publishes_or_reads_nothing(relay, token):
+    assert post(relay.url, filer_event("/buckets/cns/incoming/dog/concept.yaml"), token=token) == 401
+    assert request(relay.url, "/events?after=0", token=token)[0] == 401
+    assert events(relay.url)["events"] == []
+
+
+def test_a_basic_auth_header_carrying_the_token_is_refused(relay):
+    status = post(relay.url, filer_event("/buckets/cns/incoming/dog/concept.yaml"), token=None,
+                  headers={"Authorization": f"Basic {TOKEN}"})
+    assert status == 401 and events(relay.url)["events"] == []
+
+
+def test_only_health_is_open(relay):
+    assert request(relay.url, "/health", token=None)[0] == 200
+    assert request(relay.url, "/", token=None)[0] == 401
+    assert request(relay.url, "/nothing")[0] == 404
+
+
+def test_bad_bodies_are_400_and_large_ones_413(relay, monkeypatch):
+    import tasks.events
+
+    assert post(relay.url, b"not json") == 400
+    assert post(relay.url, b"[1, 2]") == 400
+    assert post(relay.url, {"something": "else"}) == 400
+    monkeypatch.setattr(tasks.events, "MAX_BODY", 100)
+    assert post(relay.url, b"x" * 101) == 413
+    assert events(relay.url)["events"] == []
+
+
+def test_filer_events_are_relayed_with_their_bucket_and_key(relay):
+    for key in ("/buckets/cns/incoming/dog/concept.yaml", "/buckets/other/forget/cat", "/elsewhere/x",
+                "/buckets/cns"):
+        assert post(relay.url, filer_event(key)) == 204
+    got = events(relay.url)
+    assert [(e["bucket"], e["key"], e["kind"]) for e in got["events"]] == [
+        ("cns", "incoming/dog/concept.yaml", "create"), ("other", "forget/cat", "create")]
+    assert got["next"] == 2 and events(relay.url, after=1)["events"][0]["key"] == "forget/cat"
+
+
+def test_a_long_poll_returns_as_soon_as_an_event_arrives(relay):
+    import threading
+
+    threading.Timer(0.3, lambda: post(relay.url, filer_event("/buckets/cns/incoming/a/b.png"))).start()
+    start = time.monotonic()
+    got = events(relay.url, after=0, wait=10)
+    assert 0.2 < time.monotonic() - start < 3 and [e["key"] for e in got["events"]] == ["incoming/a/b.png"]
+
+
+def test_a_rename_into_a_dataset_folder_counts_where_it_lands():
+    body = {"event_type": "rename", "key": "/buckets/cns/staging/concept.yaml",
+            "message": {"old_entry": {"name": "concept.yaml"}, "new_entry": {"name": "concept.yaml"},
+                        "new_parent_path": "/buckets/cns/incoming/cat"}}
+    assert parse_events(json.dumps(body).encode())[-1] == BucketEvent("cns", "incoming/cat/concept.yaml", "create")
+
+
+def test_s3_event_notifications_are_understood_and_keys_unquoted():
+    body = json.dumps(s3_records("incoming/my+dog/concept.yaml", "forget/x%2Fy")).encode()
+    assert parse_events(body) == [BucketEvent("cns", "incoming/my dog/concept.yaml", "create"),
+                                  BucketEvent("cns", "forget/x/y", "create")]
+    removed = json.dumps(s3_records("forget/dog", name="ObjectRemoved:Delete")).encode()
+    assert parse_events(removed) == [BucketEvent("cns", "forget/dog", "delete")]
+
+
+def test_what_wakes_a_pass():
+    wakes = [BucketEvent("cns", k, "create").wakes for k in (
+        "incoming/dog/concept.yaml", "incoming/dog/00.png", "forget/dog",
+        "incoming/dog", "incoming", "forget/a/b", "mlflow/1/x.png", "forget/")]
+    assert wakes == [True, True, True, False, False, False, False, False]
+
+
+def test_the_subscriber_wakes_for_its_bucket_only_and_when_the_relay_restarts(relay):
+    wakes = Wakes()
+    sub = Subscriber(relay.url, TOKEN, "cns", wakes, wait=1).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not sub.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        for key in ("/buckets/cns/incoming/dog/concept.yaml", "/buckets/other/incoming/dog/concept.yaml",
+                    "/buckets/cns/mlflow/1/a.png", "/buckets/cns/forget/dog"):
+            post(relay.url, filer_event(key))
+        while len(wakes.reasons) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert wakes.reasons == ["create incoming/dog/concept.yaml", "create forget/dog"]
+        relay.boot = "another"  # what a restarted relay answers
+        post(relay.url, filer_event("/buckets/cns/mlflow/2/b.png"))
+        while len(wakes.reasons) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert wakes.reasons[2] == "the events relay restarted or dropped events"
+    finally:
+        sub.stop()
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(EventsConfigError, match="--listen.*HOST:PORT"):
+        Relay("8080", TOKEN)
+    with pytest.raises(EventsConfigError, match="CNS_EVENTS_TOKEN.*16"):
+        Relay("127.0.0.1:0", "short")
+
+
+def test_the_relay_process_refuses_to_start_without_a_token(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CNS_EVENTS_TOKEN"}
+    done = subprocess.run([sys.executable, "-m", "tasks.events", "--listen", "127.0.0.1:0"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "cns events: error: CNS_EVENTS_TOKEN: not set or shorter than 16 characters"]
+
+
+def test_wakes_during_a_pass_coalesce_into_one_more_pass():
+    started, release = threading.Event(), threading.Event()
+    reasons = []
+
+    def run_pass(reason):
+        reasons.append(reason)
+        started.set()
+        release.wait(5)
+        return None
+
+    trigger = PassTrigger(run_pass, debounce=0.05).start()
+    try:
+        trigger.wake("first")
+        assert started.wait(5)
+        for i in range(20):  # a burst while the first pass runs
+            trigger.wake(f"burst {i}")
+        release.set()
+        deadline = time.monotonic() + 5
+        while len(reasons) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+    finally:
+        trigger.stop(timeout=5)
+    assert reasons == ["first", "burst 0"]
+
+
+def test_a_burst_before_the_pass_starts_is_one_pass():
+    reasons = []
+    trigger = PassTrigger(lambda r: reasons.append(r), debounce=0.2).start()
+    try:
+        for i in range(20):
+            trigger.wake(f"drop {i}")
+        time.sleep(0.6)
+    finally:
+        trigger.stop(timeout=5)
+    assert len(reasons) == 1
+
+
+def test_a_pass_that_asks_to_run_again_is_woken_then_and_a_failed_pass_is_retried():
+    calls = []
+
+    def run_pass(reason):
+        calls.append((time.monotonic(), reason))
+        if len(calls) == 1:
+            return 0.3  # a folder settles in 0.3 s
+        if len(calls) == 2:
+            raise RuntimeError("S3 is down")
+        return None
+
+    import tasks.events as events
+
+    saved, events.RETRY_SECONDS = events.RETRY_SECONDS, 0.2
+    trigger = PassTrigger(run_pass, debounce=0.01).start()
+    try:
+        trigger.wake("drop")
+        time.sleep(1.2)
+    finally:
+        trigger.stop(timeout=5)
+        events.RETRY_SECONDS = saved
+    assert [r for _, r in calls] == ["drop", "a folder settled", "retry"]
+    assert 0.25 <= calls[1][0] - calls[0][0] < 0.8
+    assert 0.15 <= calls[2][0] - calls[1][0] < 0.8
