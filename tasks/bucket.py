@@ -264,9 +264,13 @@ class HashCache:
 
 
 def default_cache_path(s3, bucket: str) -> Path:
-    """``<stack dir>/cache/bucket-<id>.json``, one file per endpoint and bucket."""
+    """``$CNS_STACK_DIR/cache/bucket-<id>.json`` (else ``$XDG_CACHE_HOME/cns-pipeline/``, default
+    ``~/.cache``), one file per endpoint and bucket: never in the workspace or the current directory."""
     ident = hashlib.sha256(f"{s3.meta.endpoint_url}|{bucket}".encode()).hexdigest()[:12]
-    return Path(os.environ.get("CNS_STACK_DIR") or ".stack") / "cache" / f"bucket-{ident}.json"
+    if os.environ.get("CNS_STACK_DIR"):
+        return Path(os.environ["CNS_STACK_DIR"]) / "cache" / f"bucket-{ident}.json"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "cns-pipeline" / f"bucket-{ident}.json"
 
 
 def scan(s3, bucket: str, *, limits: LimitsConfig, lineage: Lineage | None,

@@ -35,7 +35,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     drop.add_argument("directory", help="local concept directory (images + concept.yaml)")
     drop.add_argument("--workspace", help="the workspace whose params.yaml holds the limits (default: "
                                            "$CNS_WORKSPACE or the current directory, if it is one)")
-    drop.add_argument("--config", help="take the limits from this config file instead of the workspace's")
+    drop.add_argument("--params", "--config", dest="params",
+                      help="take the limits from this params file instead of the workspace's")
     drop.set_defaults(func=_drop)
 
     datasets = sub.add_parser("datasets", help="list the bucket's datasets with hash and state")
@@ -43,7 +44,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           help="only datasets in this state")
     datasets.add_argument("--workspace", help="the workspace whose params.yaml and model say what is learned "
                                                "(default: $CNS_WORKSPACE or the current directory, if it is one)")
-    datasets.add_argument("--config", help="take the limits from this config file instead of the workspace's")
+    datasets.add_argument("--params", "--config", dest="params",
+                          help="take the limits from this params file instead of the workspace's")
     datasets.add_argument("--json", action="store_true", help="machine-readable output")
     datasets.set_defaults(func=_datasets)
 
@@ -145,7 +147,7 @@ def _settings(args):
         if args.workspace or os.environ.get("CNS_WORKSPACE"):
             raise
         ws = None
-    config = load_config(args.config) if args.config else ws.config() if ws else load_config(None)
+    config = load_config(args.params) if args.params else ws.config() if ws else load_config(None)
     return config, (ws.model_dir if ws else Path(config.model_dir))
 
 

@@ -241,3 +241,23 @@ def test_a_pass_that_asks_to_run_again_is_woken_then_and_a_failed_pass_is_retrie
     assert [r for _, r in calls] == ["drop", "a folder settled", "retry"]
     assert 0.25 <= calls[1][0] - calls[0][0] < 0.8
     assert 0.15 <= calls[2][0] - calls[1][0] < 0.8
+
+
+def test_the_bucket_hash_cache_is_never_written_into_the_current_directory(tmp_path, monkeypatch):
+    """A pass run from the workspace left an untracked `.stack/` there (issue 11, item 5)."""
+    from types import SimpleNamespace
+
+    from tasks.bucket import HashCache, default_cache_path
+
+    client = SimpleNamespace(meta=SimpleNamespace(endpoint_url="http://127.0.0.1:8333"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CNS_STACK_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = default_cache_path(client, "cns")
+    assert path.parent == tmp_path / "xdg" / "cns-pipeline"
+    cache = HashCache(path)
+    cache.put("signature", "digest")
+    cache.save({"signature"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["xdg"]
+    monkeypatch.setenv("CNS_STACK_DIR", str(tmp_path / "stack"))
+    assert default_cache_path(client, "cns").parent == tmp_path / "stack" / "cache"
