@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 
@@ -90,34 +89,6 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workspace", help="the DVC workspace (default: $CNS_WORKSPACE or the current directory)")
-    results = argparse.ArgumentParser(add_help=False)
-    results.add_argument("--json", action="store_true", help="print the flow's result as JSON")
-
-    p = sub.add_parser("init", help="create a workspace: git + DVC with an S3 remote in the bucket")
-    p.add_argument("directory")
-    p.set_defaults(func=cmd_init)
-
-    p = sub.add_parser("run-once", parents=[common, results],
-                       help="one watch pass in this process: learn every pending dataset")
-    p.set_defaults(func=cmd_run_once)
-
-    p = sub.add_parser("personalize", parents=[common, results],
-                       help="learn one dataset of the bucket (incoming/CONCEPT/)")
-    p.add_argument("concept")
-    p.set_defaults(func=cmd_personalize)
-
-    p = sub.add_parser("nightly", parents=[common, results],
-                       help="run the nightly flow now: watch, then re-check every concept")
-    p.set_defaults(func=cmd_nightly)
-
-    p = sub.add_parser("serve", parents=[common], help="serve watch, nightly and personalize to the Prefect server")
-    p.set_defaults(func=cmd_serve)
-    add_forget_command(sub, common, results)
-
-
 def cmd_forget_version(args) -> int:
     """The forget flow: one line for the new version and its MLflow run; an unknown concept is a
     one-line error (exit 2) and nothing changes."""
@@ -144,12 +115,3 @@ def cmd_forget_version(args) -> int:
     if tracking.ui_url():
         print(f"runs:     {tracking.runs_url(experiment)}")
     return 0
-
-
-def add_forget_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
-                       results: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("forget-version", parents=[common, results],
-                       help="remove a learned concept through the pipeline: a new version, MLflow run and "
-                            "registry version (the library's `cns forget` only writes the model directory)")
-    p.add_argument("concept")
-    p.set_defaults(func=cmd_forget_version)

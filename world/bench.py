@@ -392,8 +392,8 @@ def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray,
         record["rows_per_layer"].append(info.get("rows_per_layer"))
         reading = concept_readings(cumulative.model, ctx, [k])[0]
         record["just_learned"].append(reading)
-        print(f"[bench world] {method.name} seed {seed} {ctx.concepts[k].name}: bitmap {reading['bitmap']:.2f} "
-              f"identity {reading['identity']:.2f}", flush=True)
+        log.info("%s seed %d %s: bitmap %.2f identity %.2f", method.name, seed, ctx.concepts[k].name,
+                 reading["bitmap"], reading["identity"])
         if method.combine == "alone":
             samples.append(gray_samples(cumulative.model, ctx, [k])[0])
         if method.combine == "fused":

@@ -6,7 +6,6 @@ each leaves it running."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -19,15 +18,15 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from tasks import stack, stack_cli
+from flows.cli import build_parser
+from tasks import stack
 
 pytestmark = pytest.mark.stack
 
 
 def cli(*argv: str) -> int:
     """Run a `cns` pipeline command in-process (the same parser flows.cli builds)."""
-    parser = argparse.ArgumentParser(prog="cns")
-    stack_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(list(argv))
     return args.func(args)
 

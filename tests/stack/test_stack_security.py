@@ -11,7 +11,6 @@ The doors and how each is closed: docs/reliability.md, "The stack's doors"."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import http.client
@@ -34,7 +33,8 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from tasks import stack, stack_cli
+from flows.cli import build_parser
+from tasks import stack
 
 pytestmark = pytest.mark.stack
 
@@ -352,8 +352,7 @@ def test_stack_directory_is_private_and_up_prints_no_secret(running_stack, capsy
         assert path.stat().st_mode & 0o077 == 0, f"{path}: {oct(path.stat().st_mode)}"
     for path in (root / stack.SECURITY_FILE, root / "credentials.json", *(root / stack.TLS_DIR).iterdir()):
         assert path.stat().st_mode & 0o077 == 0, f"{path}: {oct(path.stat().st_mode)}"
-    parser = argparse.ArgumentParser(prog="cns")
-    stack_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["stack", "up", "--dir", str(root)])
     capsys.readouterr()
     assert args.func(args) == 0  # already running: prints the status and what to export
@@ -548,8 +547,7 @@ def test_mlflow_with_the_login_works_and_stack_env_exports_it(running_stack, mlf
 
 def stack_env_exports(running_stack, capsys) -> dict[str, str]:
     """What `cns stack env` exports, as a user's shell would get it."""
-    parser = argparse.ArgumentParser(prog="cns")
-    stack_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["stack", "env", "--dir", str(running_stack.config.root)])
     capsys.readouterr()
     assert args.func(args) == 0

@@ -1,53 +1,12 @@
 """``cns stack up|down|status|env``, ``cns drop DIR`` and ``cns datasets``: the commands that talk
-to the local stack and the drop bucket. Added to the ``cns`` parser by ``flows.cli``."""
+to the local stack and the drop bucket (handlers; their options are declared in ``flows/cli.py``)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
 import time
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tasks.stack import SERVICES
-
-    stack = sub.add_parser("stack", help="start, stop or check the local S3 + MLflow + Prefect servers and "
-                           "the bucket-event relay")
-    stack_sub = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
-    for name, func, text in (("up", _up, "start what is not running and wait until all are healthy"),
-                             ("down", _down, "stop the servers this stack started"),
-                             ("status", _status, "health of each server (exit 1 unless all are running)"),
-                             ("env", _env, "print the export lines for this stack (eval \"$(cns stack env)\")")):
-        p = stack_sub.add_parser(name, help=text, description=text)
-        p.add_argument("--dir", help="stack directory (default: $CNS_STACK_DIR or .stack)")
-        if name == "up":
-            for service in SERVICES:
-                p.add_argument(f"--{service}-port", type=int, help=f"port (default: $CNS_{service.upper()}_PORT, "
-                               "the last one used, or the standard one)")
-            p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for health (default 60)")
-        if name == "status":
-            p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.set_defaults(func=func)
-
-    drop = sub.add_parser("drop", help="upload a concept directory to the bucket (images first, concept.yaml last)")
-    drop.add_argument("directory", help="local concept directory (images + concept.yaml)")
-    drop.add_argument("--workspace", help="the workspace whose params.yaml holds the limits (default: "
-                                           "$CNS_WORKSPACE or the current directory, if it is one)")
-    drop.add_argument("--params", "--config", dest="params",
-                      help="take the limits from this params file instead of the workspace's")
-    drop.set_defaults(func=_drop)
-
-    datasets = sub.add_parser("datasets", help="list the bucket's datasets with hash and state")
-    datasets.add_argument("--state", choices=("pending", "learned", "rejected", "incomplete", "settling"),
-                          help="only datasets in this state")
-    datasets.add_argument("--workspace", help="the workspace whose params.yaml and model say what is learned "
-                                               "(default: $CNS_WORKSPACE or the current directory, if it is one)")
-    datasets.add_argument("--params", "--config", dest="params",
-                          help="take the limits from this params file instead of the workspace's")
-    datasets.add_argument("--json", action="store_true", help="machine-readable output")
-    datasets.set_defaults(func=_datasets)
 
 
 # ---- stack -------------------------------------------------------------------------------------
@@ -79,7 +38,7 @@ def _print_env(config, creds) -> None:
         print("# PREFECT_API_AUTH_STRING: also the Prefect UI's login (the whole user:password string)")
 
 
-def _up(args) -> int:
+def cmd_up(args) -> int:
     from tasks import stack
 
     config = _config(args)
@@ -102,7 +61,7 @@ def _up(args) -> int:
     return 0
 
 
-def _down(args) -> int:
+def cmd_down(args) -> int:
     from tasks import stack
 
     stopped = stack.down(_config(args))
@@ -110,7 +69,7 @@ def _down(args) -> int:
     return 0
 
 
-def _status(args) -> int:
+def cmd_status(args) -> int:
     from tasks import stack
 
     items = stack.status(_config(args))
@@ -121,7 +80,7 @@ def _status(args) -> int:
     return 0 if all(s.state == "running" for s in items) else 1
 
 
-def _env(args) -> int:
+def cmd_env(args) -> int:
     from tasks import stack
 
     config = _config(args)
@@ -151,7 +110,7 @@ def _settings(args):
     return config, (ws.model_dir if ws else Path(config.model_dir))
 
 
-def _drop(args) -> int:
+def cmd_drop(args) -> int:
     from tasks import bucket, s3
 
     config, _ = _settings(args)
@@ -160,7 +119,7 @@ def _drop(args) -> int:
     return 0
 
 
-def _datasets(args) -> int:
+def cmd_datasets(args) -> int:
     from cns.lineage import read_lineage
     from tasks import bucket, s3
 

@@ -1,6 +1,6 @@
 """The library's commands: learn, forget, generate, export, info, calibrate, evaluate.
 
-``flows/cli.py`` adds them to the ``cns`` command next to the pipeline's commands. Each command
+Their options are declared with every other command's in ``flows/cli.py``, the one parser. Each command
 loads the one config (``--params``, default params.yaml, plus ``--set key=value``), validates its
 inputs before it changes anything, and reports problems as CNSError (one line, exit 2).
 """
@@ -133,50 +133,3 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", default="params.yaml", help="config file (default: params.yaml)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.max_train_steps=50")
-    common.add_argument("--model-dir", help="cumulative model directory (default: model_dir in the config)")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-    p = sub.add_parser("learn", parents=[common], help="learn a concept directory into the model")
-    p.add_argument("concept_dir", help="directory with images and concept.yaml")
-    p.set_defaults(func=cmd_learn)
-
-    p = sub.add_parser("forget", parents=[common], help="write a version without a learned concept (no training)")
-    p.add_argument("name", help="the concept's name (cns info lists them)")
-    p.set_defaults(func=cmd_forget)
-
-    p = sub.add_parser("generate", parents=[common], help="generate PNG images from prompts")
-    p.add_argument("prompts", nargs="+", help="prompts; may hold several learned tokens")
-    p.add_argument("--out", default="outputs/generate", help="output directory")
-    p.add_argument("--num-images-per-prompt", "--num-images", dest="num_images_per_prompt", type=int,
-                   help="images per prompt (generate.num_images_per_prompt)")
-    p.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int,
-                   help="sampling steps (generate.num_inference_steps)")
-    p.add_argument("--seed", type=int, help="generate.seed")
-    p.add_argument("--region", action="append", default=[], metavar="BOX=PROMPT",
-                   help="a regional prompt read only inside BOX (left, right, top, bottom, full or x0,y0,x1,y1 "
-                        "in 0..1), e.g. --region 'left=a <dog1> dog on a sofa'; repeat per concept")
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("export", parents=[common], help="write a merged diffusers pipeline directory")
-    p.add_argument("out", help="new directory to write")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("info", parents=[common], help="table of the learned concepts and their neurons")
-    p.add_argument("--per-layer", action="store_true", help="a column per K/V layer")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("evaluate", parents=[common], help="evaluate every concept; write metrics/ (DVC stage)")
-    p.add_argument("--out", default="metrics", help="output directory (default: metrics)")
-    p.add_argument("--datasets", help="learned datasets (default: <model dir>/../concepts)")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("calibrate", parents=[common], help="compute (or check) the base model's general neurons")
-    p.set_defaults(func=cmd_calibrate)
