@@ -10,6 +10,7 @@ writes the concept's files to a temporary folder, renames it into place and then
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
@@ -49,7 +50,20 @@ class PreparedConcept:
     concept_token_ids: list[int]
     resolution: int
     holdout_paths: tuple[Path, ...] = ()
-    timings: dict[str, float] = field(default_factory=dict)
+    # Each step's wall-clock seconds under its own name (``timed``), and the process's peak RSS
+    # after a step (the pipeline's tasks measure it): lineage stats ``timings`` / ``peak_rss_mb``.
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def timed(prepared: "PreparedConcept", step: str):
+    """Record the block's seconds as ``prepared.seconds[step]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        prepared.seconds[step] = time.perf_counter() - start
 
 
 def check_token(cumulative: CumulativeModel, concept: Concept, source: str | Path) -> None:
@@ -96,7 +110,7 @@ def prepare(cumulative: CumulativeModel, concept: Concept, config: Config) -> Pr
                                                          paired=captions is not None),
                                concept_token_ids=[token_id, *class_ids], resolution=resolution,
                                holdout_paths=holdout_paths)
-    prepared.timings["prepare"] = time.perf_counter() - start
+    prepared.seconds["prepare"] = time.perf_counter() - start
     return prepared
 
 
@@ -107,12 +121,10 @@ def general(cumulative: CumulativeModel, config: Config) -> tuple[Mask, Path]:
 
 
 def score(cumulative: CumulativeModel, prepared: PreparedConcept, config: Config, progress: bool = True):
-    start = time.perf_counter()
-    scores = score_neurons(cumulative.model, cumulative.layers, prepared.source, config.scoring,
-                           mixed_precision=config.model.mixed_precision, progress=progress,
-                           concept_token_ids=prepared.concept_token_ids)
-    prepared.timings["score"] = time.perf_counter() - start
-    return scores
+    with timed(prepared, "score"):
+        return score_neurons(cumulative.model, cumulative.layers, prepared.source, config.scoring,
+                             mixed_precision=config.model.mixed_precision, progress=progress,
+                             concept_token_ids=prepared.concept_token_ids)
 
 
 def select(cumulative: CumulativeModel, scores, general_mask: Mask, config: Config) -> Selection:
@@ -159,19 +171,18 @@ def train(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Sel
                       earlier_prompt_states=earlier_prompt_states(cumulative, config),
                       generic_prompt_states=generic_prompt_states(cumulative, config),
                       mixed_precision=config.model.mixed_precision, progress=progress)
-    prepared.timings["train"] = result.seconds
+    prepared.seconds["train"] = result.seconds
     return result
 
 
 def reference_samples(cumulative: CumulativeModel, prepared: PreparedConcept, config: Config,
                       progress: bool = False):
     """The concept's fixed-seed samples right after learning: the forgetting measure's reference."""
-    start = time.perf_counter()
     concept = prepared.concept
     prompts = concept_prompts(concept.token, concept.class_noun, config.evaluate)
-    images = sample_outputs(cumulative.model, prompts, config.evaluate, resolution=prepared.resolution,
-                            progress=progress)
-    prepared.timings["reference"] = time.perf_counter() - start
+    with timed(prepared, "reference"):
+        images = sample_outputs(cumulative.model, prompts, config.evaluate, resolution=prepared.resolution,
+                                progress=progress)
     return images, prompts
 
 
@@ -210,7 +221,8 @@ def commit(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Se
         "delta_bytes": (final / DELTA).stat().st_size,
         "final_loss": result.losses[-1] if result.losses else None,
         "train_steps": len(result.losses),
-        "timings": dict(prepared.timings),
+        "timings": dict(prepared.seconds),
+        **({"peak_rss_mb": dict(prepared.peak_rss_mb)} if prepared.peak_rss_mb else {}),
     })
     record = ConceptRecord(version=version, name=concept.name, token=concept.token, class_noun=concept.class_noun,
                            dataset_hash=dataset_hash, mask=relative_file(concept.name, MASK),
@@ -229,7 +241,8 @@ def learn_into(cumulative: CumulativeModel, concept: Concept, config: Config, da
     prepared = prepare(cumulative, concept, config)
     general_mask, _ = general(cumulative, config)
     scores = score(cumulative, prepared, config, progress)
-    selection = select(cumulative, scores, general_mask, config)
+    with timed(prepared, "select"):
+        selection = select(cumulative, scores, general_mask, config)
     log.info("%s: %d base neurons minus general (%d in the base model) and owned (%d) -> %d concept neurons",
              concept.name, *selection.summary().values())
     result = train(cumulative, prepared, selection, config, progress)

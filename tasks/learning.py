@@ -17,7 +17,6 @@ import re
 import resource
 import shutil
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -329,10 +328,9 @@ def prepare_concept(model: CumulativeModel, concept: Concept, config: Config):
 def score_neurons(model: CumulativeModel, prepared: steps.PreparedConcept, general, config: Config):
     """Score every K/V row for the concept, then select: base - general - owned."""
     scores = steps.score(model, prepared, config, progress=False)
-    start = time.perf_counter()
-    selection = steps.select(model, scores, general, config)
-    prepared.timings["select"] = time.perf_counter() - start
-    prepared.timings["score_peak_rss_mb"] = peak_rss_mb()
+    with steps.timed(prepared, "select"):
+        selection = steps.select(model, scores, general, config)
+    prepared.peak_rss_mb["score"] = peak_rss_mb()
     fault_point("score")
     return scores, selection
 
@@ -340,7 +338,7 @@ def score_neurons(model: CumulativeModel, prepared: steps.PreparedConcept, gener
 @step_task(name="finetune", tags=[GPU_TAG])
 def finetune(model: CumulativeModel, prepared: steps.PreparedConcept, selection, config: Config):
     result = steps.train(model, prepared, selection, config, progress=False)
-    prepared.timings["train_peak_rss_mb"] = peak_rss_mb()
+    prepared.peak_rss_mb["train"] = peak_rss_mb()
     return result
 
 
@@ -386,8 +384,8 @@ def version_metrics(record: ConceptRecord, prepared: steps.PreparedConcept, resu
         "train/trainable_parameters": result.trainable_parameters,
         "train/optimizer_state_bytes": result.optimizer_state_bytes,
     }
-    for key, value in prepared.timings.items():
-        metrics[f"memory/{key[:-3]}" if key.endswith("_mb") else f"time/{key}_s"] = value
+    metrics.update({f"time/{step}_s": value for step, value in prepared.seconds.items()})
+    metrics.update({f"memory/{step}_peak_rss": value for step, value in prepared.peak_rss_mb.items()})
     if result.peak_memory_bytes is not None:
         metrics["memory/train_peak_gpu_mb"] = result.peak_memory_bytes / 2**20
     return metrics

@@ -190,3 +190,13 @@ def test_a_corrupt_lineage_is_the_models_error_not_a_datasets(tmp_path, text):
         read_lineage(tmp_path)
     assert not isinstance(err.value, ConceptError)
     assert err.value.code == "lineage_invalid" and "lineage.json" in str(err.value)
+
+
+def test_each_step_records_its_own_seconds_and_no_memory_in_the_timings(two_concepts):
+    """Steps time themselves under their own names (cns.learn.timed); peak memory is the pipeline's,
+    in its own stats key, never mixed into the timings and told apart by a suffix (issue 12)."""
+    for record in two_concepts.records:
+        timings = record.stats["timings"]
+        assert set(timings) == {"prepare", "score", "select", "train", "reference"}  # the tasks' too
+        assert all(isinstance(v, float) and v >= 0 for v in timings.values())
+        assert "peak_rss_mb" not in record.stats  # `cns learn` measures no memory
