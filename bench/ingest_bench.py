@@ -22,6 +22,7 @@ import argparse
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.pipeline_bench import task_start  # noqa: E402
 
 CNS = str(Path(sys.executable).parent / "cns")
+FLOW_FINISHED = re.compile(r"(prefect\.flow_runs: |Flow run '[^']*' - )Finished in state")
 FEWEST_STEPS = {"train": {"max_train_steps": 1, "reg_generic_prompts": 1},
                 "scoring": {"num_score_samples": 1, "score_batch_size": 1},
                 "generate": {"num_inference_steps": 1, "num_images_per_prompt": 1},
@@ -70,6 +72,13 @@ def complete(model_name: str, concept: str) -> bool:
                                    f"tags.`{tracking.STATE}` = 'complete'", max_results=1))
 
 
+def idle(log_path: Path) -> bool:
+    """Every flow run `cns serve` began has finished: the next drop finds the pipeline idle."""
+    text = log_path.read_text(errors="replace")
+    # in-process runs log through cns serve's handler, the runner's subprocesses in Prefect's format
+    return text.count("Beginning flow run") == len(FLOW_FINISHED.findall(text))
+
+
 def phase(label: str, ws, root: Path, drops: int, env: dict, settle_wait: float) -> list[float]:
     from tasks import bucket, s3
 
@@ -86,6 +95,7 @@ def phase(label: str, ws, root: Path, drops: int, env: dict, settle_wait: float)
             time.sleep(0.5)
         time.sleep(settle_wait)  # deployments registered, the schedule's first (empty) pass over
         client, name = s3.client(), s3.bucket_name()
+        model_name = ws.config().pipeline.model_name
         for i in range(drops):
             concept = f"{label}-{i:02d}"
             source = make_dataset(root / "src", concept, seed=hash(concept) % 10**6)
@@ -101,7 +111,7 @@ def phase(label: str, ws, root: Path, drops: int, env: dict, settle_wait: float)
                 started = task_start("score-neurons", landed)
             latencies.append((started - landed).total_seconds())
             print(f"{label}: {concept} training started {latencies[-1]:.2f} s after its manifest landed", flush=True)
-            while not complete(name, concept):
+            while not complete(model_name, concept) or not idle(log_path):
                 if server.poll() is not None or time.monotonic() > limit:
                     raise SystemExit(f"{concept} never completed: {log_path.read_text(errors='replace')[-3000:]}")
                 time.sleep(0.5)
@@ -136,6 +146,7 @@ def main() -> int:
     from tasks import stack
     from tasks.versioning import init_workspace
 
+    load = os.getloadavg()[0]  # what else the machine is doing changes these numbers
     tmp = Path(tempfile.mkdtemp(prefix="cns-ingest-bench-"))
     base = random.randrange(20000, 22000, 7)
     config = stack.StackConfig.resolve(root=tmp / "stack", ports={"s3": base, "mlflow": base + 3100,
@@ -164,7 +175,8 @@ def main() -> int:
         "## Event-driven ingest (bench/ingest_bench.py)",
         "",
         f"{datetime.now(timezone.utc):%Y-%m-%d}, {os.cpu_count()} CPU cores "
-        f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, no GPU; one run, "
+        f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, no GPU, load average "
+        f"{load:.1f} at the start; one run, "
         f"fresh stack and workspace; `cns serve` learning datasets dropped one at a time with `cns drop`'s code "
         f"(settle time {settle} s, which the manifest's `cns-files` claim makes unnecessary). Latency: the "
         "manifest's upload returned -> the `score-neurons` task run started. "

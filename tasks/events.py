@@ -51,6 +51,7 @@ MAX_BODY = 1 << 20  # one filer event is a few KiB; a batch of S3 records is far
 RING = 10_000  # events the relay keeps for subscribers that fall behind
 MAX_WAIT = 30.0  # the longest long-poll the relay holds
 DEBOUNCE_SECONDS = 0.3  # a burst of manifests (20 drops at once) starts one pass, not twenty
+MANIFEST_DELAY = 0.05  # a manifest's check waits only for the events sent with it
 RETRY_SECONDS = 15.0  # after a failed pass (the lineage busy past its lock timeout, S3 down)
 TOKEN_ENV = "CNS_EVENTS_TOKEN"
 
@@ -145,8 +146,9 @@ class PassTrigger:
         self._thread.start()
         return self
 
-    def wake(self, reason: str) -> None:
-        self.wake_at(time.monotonic() + self._debounce, reason)
+    def wake(self, reason: str, delay: float | None = None) -> None:
+        """A check after ``delay`` (default: the debounce), unless one is due sooner already."""
+        self.wake_at(time.monotonic() + (self._debounce if delay is None else delay), reason)
 
     def wake_at(self, when: float, reason: str) -> None:
         with self._cond:
@@ -170,7 +172,8 @@ class PassTrigger:
                 reason, self._due = self._reason, None
             self.passes += 1
             try:
-                again, why = self._run_pass(reason), "a folder settled"
+                again = self._run_pass(reason)
+                why = "a folder settled" if again else "what landed during the pass"
             except Exception as exc:  # the flow run (if any) says why; retried, and the poll stays
                 log.warning("event-triggered pass failed (%s); trying again in %.0f s", exc, RETRY_SECONDS)
                 again, why = RETRY_SECONDS, "retry"
@@ -350,7 +353,9 @@ class Subscriber:
             for item in reply["events"]:
                 event = BucketEvent(item["bucket"], item["key"], item["kind"])
                 if event.bucket == self.bucket and event.wakes:
-                    self.trigger.wake(f"{event.kind} {event.key}")
+                    # a manifest is what makes a folder ready: check now; other files may come in
+                    # a burst (an upload's images), so they wait out the debounce
+                    self.trigger.wake(f"{event.kind} {event.key}", MANIFEST_DELAY if event.is_manifest else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ class Wakes:
     def __init__(self):
         self.reasons = []
 
-    def wake(self, reason):
+    def wake(self, reason, delay=None):
         self.reasons.append(reason)
 
     def wake_at(self, when, reason):
