@@ -35,9 +35,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.pipeline_bench import task_start  # noqa: E402
+from pipeline_bench import task_start  # bench/ is on the path: this file runs as a script
+from sections import publish
 
 CNS = str(Path(sys.executable).parent / "cns")
 FLOW_FINISHED = re.compile(r"(prefect\.flow_runs: |Flow run '[^']*' - )Finished in state")
@@ -192,14 +191,7 @@ def main() -> int:
         f"**{'MET' if median_on <= 3 and len(on) >= 20 else 'MISSED'}**; with events off <= interval + 10 s = "
         f"{args.interval + 10} s for every drop: **{'MET' if max(off) <= args.interval + 10 else 'MISSED'}**.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write_docs:
-        path = Path(args.write_docs)
-        old = path.read_text() if path.exists() else "# Benchmarks\n"
-        head, marker, rest = old.partition(lines[0])
-        tail = rest[rest.find("\n## "):] if marker and "\n## " in rest else ""
-        path.write_text(head.rstrip() + "\n\n" + text + tail)
+    publish(lines, args.write_docs)
     return 0
 
 

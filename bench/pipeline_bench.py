@@ -25,6 +25,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from sections import publish  # bench/ is on the path: this file runs as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
 CNS = str(Path(sys.executable).parent / "cns")
@@ -144,14 +146,7 @@ def main() -> int:
         "entries, not a copy of the model (DVC stores files by content; unchanged files of earlier concepts "
         "are not uploaded again).",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write_docs:
-        path = Path(args.write_docs)
-        old = path.read_text() if path.exists() else "# Benchmarks\n"
-        head, marker, rest = old.partition(lines[0])
-        tail = rest[rest.find("\n## "):] if marker and "\n## " in rest else ""
-        path.write_text(head.rstrip() + "\n\n" + text + tail)
+    publish(lines, args.write_docs)
     return 0
 
 

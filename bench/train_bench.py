@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from sections import write_section  # bench/ is on the path: this file runs as a script
+
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -619,24 +621,6 @@ def report(results: dict, args, command: str, started: str) -> str:
     return "\n".join(parts)
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replace (or append) this benchmark's section; every other section is left as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == SECTION)
-    except StopIteration:
-        new = text.rstrip("\n") + "\n\n" + section + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + ("\n" if start else "") + section + "\n" + (("\n" + rest + "\n") if rest else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "sd15"], choices=["tiny", "sd15"])
@@ -694,7 +678,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps({"command": command, "started": started, "results": results}, indent=2))
     if args.write_docs:
-        write_docs(args.write_docs, section)
+        write_section(args.write_docs, section)
         print(f"\nwritten to {args.write_docs}", file=sys.stderr)
 
 

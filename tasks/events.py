@@ -56,10 +56,6 @@ RETRY_SECONDS = 15.0  # after a failed pass (the lineage busy past its lock time
 TOKEN_ENV = "CNS_EVENTS_TOKEN"
 
 
-class EventsConfigError(CNSError):
-    code = "config_invalid"
-
-
 @dataclass(frozen=True)
 class BucketEvent:
     bucket: str
@@ -183,14 +179,14 @@ class PassTrigger:
 
 def _check_token(token: str | None) -> str:
     if not token or len(token) < 16:
-        raise EventsConfigError(TOKEN_ENV, "not set or shorter than 16 characters")
+        raise CNSError(TOKEN_ENV, "not set or shorter than 16 characters", "config_invalid")
     return token
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
-        raise EventsConfigError("--listen", f"{listen!r} is not HOST:PORT")
+        raise CNSError("--listen", f"{listen!r} is not HOST:PORT", "config_invalid")
     return host, int(port)
 
 

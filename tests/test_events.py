@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from tasks.events import BucketEvent, EventsConfigError, PassTrigger, Relay, Subscriber, parse_events
+from cns.errors import CNSError
+from tasks.events import BucketEvent, PassTrigger, Relay, Subscriber, parse_events
 
 TOKEN = "t" * 40
 
@@ -160,9 +161,9 @@ def test_the_subscriber_wakes_for_its_bucket_only_and_when_the_relay_restarts(re
 
 
 def test_bad_settings_are_one_line_errors():
-    with pytest.raises(EventsConfigError, match="--listen.*HOST:PORT"):
+    with pytest.raises(CNSError, match="--listen.*HOST:PORT"):
         Relay("8080", TOKEN)
-    with pytest.raises(EventsConfigError, match="CNS_EVENTS_TOKEN.*16"):
+    with pytest.raises(CNSError, match="CNS_EVENTS_TOKEN.*16"):
         Relay("127.0.0.1:0", "short")
 
 
