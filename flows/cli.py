@@ -115,9 +115,11 @@ def _add_world_commands(sub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("world", help="CNS against the baselines in the benchmark world")
     p.add_argument("--smoke", action="store_true", help="2 concepts, few steps (the test's size)")
     p.add_argument("--params", default=None, help="default: data/world/params.yaml (world.bench)")
-    p.add_argument("--sweep", choices=("tune", "budget"), default=None,
-                   help="tune: each method family's learning rates on the validation concepts (-> tuned.json); "
-                        "budget: scored vs random/bottom/gradient rows at 2/6/15%% budgets (-> budget.md)")
+    p.add_argument("--sweep", choices=("gate", "tune", "budget"), default=None,
+                   help="gate: the all-K/V ceiling on the validation concepts only, the quick check of a world "
+                        "model (-> gate.json); tune: each method family's learning rates on the validation "
+                        "concepts (-> tuned.json, with the gate); budget: scored vs random/bottom/gradient rows "
+                        "at 2/6/15%% budgets (-> budget.md)")
     p.add_argument("--concepts-count", type=int, default=None)
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2)")

@@ -4,6 +4,7 @@ in data/world, never retrained here), cns on a pixel-space model, and the smoke 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -269,5 +270,27 @@ def test_smoke_benchmark_writes_the_table_and_plots(tmp_path):
     assert "forget" not in summary["lora_fused"]
     assert forget["rows_only_its_own"] > 0 and forget["rows_restored_bitwise"] == forget["rows_only_its_own"]
     assert forget["token_removed"] and "cns forget" in (tmp_path / "results.md").read_text()
-    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert again.returncode == 0 and "[bench world]" not in again.stdout, "cached runs must not train again"
+    trained = re.compile(r"world\.bench: \S+ seed \d+ \S+: bitmap")  # one line per concept learned
+    assert not trained.search(out.stderr), "-q keeps the per-run lines out"
+    again = subprocess.run(command[:-1], capture_output=True, text=True, cwd=ROOT, timeout=300)  # without -q
+    assert again.returncode == 0 and "world.bench" in again.stderr, again.stderr[-2000:]
+    assert not trained.search(again.stderr), "cached runs must not train again"
+
+
+@pytest.mark.timeout(1500)
+def test_the_gate_sweep_checks_only_the_all_kv_ceiling_and_names_the_model(tmp_path):
+    """`cns bench world --sweep gate`: the quick check of a world model before the whole tune sweep
+    (issue 9): only the all-K/V family over its learning-rate grid on the validation concepts."""
+    from world.bench import TUNE_GRID, VALIDATION, BenchSettings
+    from world.sweeps import GATE, tune
+
+    record = tune(BenchSettings.smoke(), tmp_path, tmp_path / "cache", gate_only=True)
+    assert {r["family"] for r in record["results"]} == {"kv"}
+    assert len(record["results"]) == len(TUNE_GRID["learning_rate"]) * len(TUNE_GRID["token_learning_rate"])
+    assert record["validation_concepts"] == list(VALIDATION)
+    gate = record["gate"]
+    assert gate["kv_identity"] == max(r["identity"] for r in record["results"])
+    assert gate["passed"] == (gate["kv_identity"] >= GATE)
+    assert record["model"]["path"].endswith("model")
+    assert json.loads((tmp_path / "gate.json").read_text()) == json.loads(json.dumps(record))
+    assert not (tmp_path / "tuned.json").exists()  # the benchmark reads tuned.json: a gate run never writes it

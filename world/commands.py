@@ -96,8 +96,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.sweep:
         from world.sweeps import budget_curve, tune
 
-        sweep = tune if args.sweep == "tune" else budget_curve
-        sweep(settings, out, cache or out / f"{args.sweep}-cache", device=_device(args.device))
+        cache = cache or out / f"{'tune' if args.sweep == 'gate' else args.sweep}-cache"  # gate runs are tune runs
+        if args.sweep == "budget":
+            budget_curve(settings, out, cache, device=_device(args.device))
+        else:
+            tune(settings, out, cache, device=_device(args.device), gate_only=args.sweep == "gate")
     else:
         run_benchmark(settings, out, cache=cache, device=_device(args.device))
     print(f"wrote the results to {out}")
