@@ -20,6 +20,10 @@ from tasks.learning import ensure_limits
 
 log = logging.getLogger(__name__)
 
+# A pass whose outcomes hold one of these changed something; only then is the bucket looked at
+# again at once (a dataset deferred because it changed while read waits for the settle time).
+MOVED = frozenset({"learned", "rejected", "forgotten", "absent"})
+
 
 def schedule_settings(config: Config) -> tuple[int, str, str]:
     """(watch interval s, nightly cron, timezone): params.yaml, overridden by the environment."""
@@ -66,8 +70,11 @@ def event_pass(workspace: str):
         pending = [d.concept for d in datasets if d.state == "pending"]
         if pending or bucket.removal_requests(client, name):
             log.info("bucket event (%s): a watch pass for %s", reason, ", ".join(pending) or "a removal request")
-            watch.with_options(flow_run_name="watch-event")(workspace)
-            return 0.0  # look again: what landed during the pass
+            outcomes = watch.with_options(flow_run_name="watch-event")(workspace)
+            if any(o.get("outcome") in MOVED for o in outcomes):
+                return 0.0  # look again at once: what landed during the pass
+            # nothing moved (a folder changed while it was read): not before it may have settled
+            return max(bucket.settle_seconds(), 1.0)
         waits = [d.settles_in for d in datasets if d.state == "settling" and d.settles_in is not None]
         return min(waits) + 0.2 if waits else None
 

@@ -58,6 +58,8 @@ def cmd_up(args) -> int:
           f"{config.root / stack.MLFLOW_AUTH_FILE} (cns stack env prints them)")
     print(f"# PREFECT_API_AUTH_STRING (also the Prefect UI's login): in {config.root / stack.PREFECT_AUTH_FILE} "
           "(cns stack env prints it)")
+    print(f"# CNS_EVENTS_TOKEN (`cns serve` hears of new datasets from the event relay with it): in "
+          f"{config.root / stack.EVENTS_TOKEN_FILE} (cns stack env prints it)")
     return 0
 
 

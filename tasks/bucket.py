@@ -190,11 +190,14 @@ def settle_seconds() -> float:
 
 def _settles_in(dataset: Dataset, now: datetime, settle: float) -> float:
     """Seconds until the newest object is ``settle`` old (<= 0: settled)."""
-    newest = max((o.last_modified for o in dataset.objects), default="")
-    if not settle or not newest:
+    if not settle or not any(o.last_modified for o in dataset.objects):
         return 0.0
-    modified = datetime.fromisoformat(newest.replace("Z", "+00:00"))
-    return settle - (now - modified).total_seconds()
+    return settle - (now - max(_modified(o) for o in dataset.objects)).total_seconds()
+
+
+def _modified(obj: S3Object) -> datetime:
+    return datetime.fromisoformat(obj.last_modified.replace("Z", "+00:00")) if obj.last_modified \
+        else datetime.min.replace(tzinfo=timezone.utc)
 
 
 def files_claim(sizes: dict[str, int]) -> str:
@@ -204,8 +207,14 @@ def files_claim(sizes: dict[str, int]) -> str:
 
 
 def _vouched(s3, bucket: str, dataset: Dataset) -> bool:
-    """The manifest's ``cns-files`` metadata names exactly the images listed (one HEAD)."""
-    images = {_name(dataset, o): o.size for o in dataset.files if _name(dataset, o) != MANIFEST}
+    """The manifest came after every image, and its ``cns-files`` metadata names exactly the images
+    listed (one HEAD). The order matters: an old vouching manifest does not vouch for images
+    replaced after it by others of the same size (a re-upload that keeps the manifest)."""
+    files = [o for o in dataset.files if _name(dataset, o) != MANIFEST]
+    manifest = next(o for o in dataset.files if _name(dataset, o) == MANIFEST)
+    if any(_modified(o) > _modified(manifest) for o in files):
+        return False
+    images = {_name(dataset, o): o.size for o in files}
     try:
         head = s3.head_object(Bucket=bucket, Key=f"{INCOMING}{dataset.concept}/{MANIFEST}")
     except client_errors():

@@ -10,8 +10,12 @@ Two parts:
   - SeaweedFS's filer webhook (``<stack>/notification.toml``, written by ``cns stack up``):
     ``{"key": "/buckets/<bucket>/incoming/<concept>/concept.yaml", "event_type": "create", ...}``
   - AWS S3 event notifications as S3 sends them (``{"Records": [{"eventName": "ObjectCreated:Put",
-    "s3": {"bucket": {"name": ...}, "object": {"key": ...}}}]}``), e.g. from an EventBridge API
-    destination with the token as its bearer authorization.
+    "s3": {"bucket": {"name": ...}, "object": {"key": ...}}}]}``), e.g. forwarded by a small Lambda
+    on the bucket's notifications;
+  - Amazon EventBridge's S3 events (``{"source": "aws.s3", "detail-type": "Object Created",
+    "detail": {"bucket": {"name": ...}, "object": {"key": ...}}}``), e.g. from an API destination
+    with the token as its bearer authorization.
+  The stack's relay listens on 127.0.0.1; on AWS run it (``--listen``) where the forwarder can reach it.
   The relay is always there while the stack is, so the filer never queues events for a ``cns
   serve`` that is not running, and every ``cns serve`` sees every event.
 - **The subscriber** in ``cns serve`` (:class:`Subscriber`): any change under
@@ -50,9 +54,13 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20  # one filer event is a few KiB; a batch of S3 records is far below this
 RING = 10_000  # events the relay keeps for subscribers that fall behind
 MAX_WAIT = 30.0  # the longest long-poll the relay holds
+SOCKET_TIMEOUT = 10.0  # a connection that sends nothing (or a body slower than this) is closed
+MAX_CONNECTIONS = 64  # the filer's workers and a few `cns serve` long-polls need far fewer
 DEBOUNCE_SECONDS = 0.3  # a burst of manifests (20 drops at once) starts one pass, not twenty
 MANIFEST_DELAY = 0.05  # a manifest's check waits only for the events sent with it
-RETRY_SECONDS = 15.0  # after a failed pass (the lineage busy past its lock timeout, S3 down)
+MAX_DEFER = 2.0  # a burst of other events defers its check at most this long
+RETRY_SECONDS = 15.0  # after a failed pass (the lineage busy past its lock timeout, S3 down), doubling
+MAX_RETRY_SECONDS = 600.0
 TOKEN_ENV = "CNS_EVENTS_TOKEN"
 
 
@@ -110,6 +118,12 @@ def parse_events(body: bytes) -> list[BucketEvent]:
             if name and key:
                 events.append(BucketEvent(name, key, kind))
         return events
+    if data.get("source") == "aws.s3" and isinstance(data.get("detail"), dict):  # Amazon EventBridge
+        detail = data["detail"]
+        name = str((detail.get("bucket") or {}).get("name", ""))
+        key = str((detail.get("object") or {}).get("key", ""))
+        kind = "delete" if str(data.get("detail-type", "")).startswith("Object Deleted") else "create"
+        return [BucketEvent(name, key, kind)] if name and key else []
     if isinstance(data.get("key"), str):  # SeaweedFS filer webhook: the entry's full path
         kind = str(data.get("event_type", "update"))
         if where := _filer_path(data["key"]):
@@ -134,8 +148,10 @@ class PassTrigger:
         self._cond = threading.Condition()
         self._due: float | None = None  # monotonic time of the earliest wanted pass
         self._reason = ""
+        self._trailing_since: float | None = None  # set while _due is a burst's trailing wake
         self._stopped = False
         self.passes = 0
+        self._failures = 0
         self._thread = threading.Thread(target=self._loop, name="cns-event-passes", daemon=True)
 
     def start(self) -> "PassTrigger":
@@ -149,7 +165,18 @@ class PassTrigger:
     def wake_at(self, when: float, reason: str) -> None:
         with self._cond:
             if self._due is None or when < self._due:
-                self._due, self._reason = when, reason
+                self._due, self._reason, self._trailing_since = when, reason, None
+            self._cond.notify()
+
+    def wake_trailing(self, reason: str) -> None:
+        """A check once a burst of events pauses for the debounce, but no later than
+        :data:`MAX_DEFER` after its first event (a long upload is still looked at now and then)."""
+        now = time.monotonic()
+        with self._cond:
+            if self._due is not None and self._trailing_since is None:
+                return  # a sooner, firm check is due already
+            start = now if self._trailing_since is None else self._trailing_since
+            self._due, self._reason, self._trailing_since = min(now + self._debounce, start + MAX_DEFER), reason, start
             self._cond.notify()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -165,14 +192,16 @@ class PassTrigger:
                     self._cond.wait(None if self._due is None else max(0.0, self._due - time.monotonic()))
                 if self._stopped:
                     return
-                reason, self._due = self._reason, None
+                reason, self._due, self._trailing_since = self._reason, None, None
             self.passes += 1
             try:
                 again = self._run_pass(reason)
                 why = "a folder settled" if again else "what landed during the pass"
-            except Exception as exc:  # the flow run (if any) says why; retried, and the poll stays
-                log.warning("event-triggered pass failed (%s); trying again in %.0f s", exc, RETRY_SECONDS)
-                again, why = RETRY_SECONDS, "retry"
+                self._failures = 0
+            except Exception as exc:  # the flow run (if any) says why; retried with backoff, the poll stays
+                self._failures += 1
+                again, why = min(RETRY_SECONDS * 2 ** (self._failures - 1), MAX_RETRY_SECONDS), "retry"
+                log.warning("event-triggered pass failed (%s); trying again in %.0f s", exc, again)
             if again is not None:
                 self.wake_at(time.monotonic() + max(0.0, again), why)
 
@@ -190,6 +219,32 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _CappedServer(ThreadingHTTPServer):
+    """At most :data:`MAX_CONNECTIONS` connections at once (a thread each); more are closed at once."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class Relay:
     """The stack's event service: POSTed events in, long-polled ``GET /events?after=N&wait=S`` out."""
 
@@ -204,6 +259,7 @@ class Relay:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = SOCKET_TIMEOUT  # an idle or trickling connection is closed, not held forever
 
             def do_POST(self):  # noqa: N802 (http.server's names)
                 relay._post(self)
@@ -214,8 +270,7 @@ class Relay:
             def log_message(self, format, *args):  # the filer sends one request per event: not logged
                 pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = _CappedServer((host, port), Handler)
         self._thread: threading.Thread | None = None
 
     @property
@@ -239,9 +294,14 @@ class Relay:
                 self._events.append((self._seq, event))
             self._cond.notify_all()
 
-    def since(self, after: int, wait: float) -> dict:
+    def since(self, after: int, wait: float, boot: str | None = None) -> dict:
+        """Events after ``after``, waiting up to ``wait`` s for one. A subscriber of another boot
+        (the relay restarted) or ahead of this one gets its answer at once, marked ``lost``."""
         deadline = time.monotonic() + wait
         with self._cond:
+            if (boot is not None and boot != self.boot) or after > self._seq:
+                return {"boot": self.boot, "next": self._seq, "lost": True,
+                        "events": [{"seq": n, **asdict(e)} for n, e in self._events]}
             while self._seq <= after and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
             oldest = self._events[0][0] if self._events else self._seq + 1
@@ -271,11 +331,11 @@ class Relay:
             length = int(handler.headers.get("Content-Length") or -1)
         except ValueError:
             length = -1
-        if not 0 <= length <= MAX_BODY:
-            return self._reply(handler, 413 if length > MAX_BODY else 411)
+        if handler.headers.get("Transfer-Encoding") or not 0 <= length <= MAX_BODY:
+            return self._reply(handler, 413 if length > MAX_BODY else 411)  # a body needs its length
         try:
             events = parse_events(handler.rfile.read(length))
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             return self._reply(handler, 400)
         self.publish(events)
         self._reply(handler, 204)
@@ -294,7 +354,8 @@ class Relay:
             wait = min(max(float(query.get("wait", ["0"])[0]), 0.0), MAX_WAIT)
         except ValueError:
             return self._reply(handler, 400)
-        self._reply(handler, 200, json.dumps(self.since(after, wait)).encode())
+        boot = query.get("boot", [None])[0]
+        self._reply(handler, 200, json.dumps(self.since(after, wait, boot)).encode())
 
 
 class Subscriber:
@@ -316,42 +377,53 @@ class Subscriber:
     def stop(self) -> None:
         self._stopped.set()
 
-    def _fetch(self, after: int) -> dict:
-        request = urllib.request.Request(f"{self.url}/events?after={after}&wait={self.wait:g}",
-                                         headers={"Authorization": self._auth})
+    def _fetch(self, after: int, boot: str | None) -> dict:
+        query = f"after={after}&wait={self.wait:g}" + (f"&boot={boot}" if boot else "")
+        request = urllib.request.Request(f"{self.url}/events?{query}", headers={"Authorization": self._auth})
         with urllib.request.urlopen(request, timeout=self.wait + 10) as resp:
-            return json.loads(resp.read())
+            reply = json.loads(resp.read())
+        if not (isinstance(reply, dict) and isinstance(reply.get("boot"), str) and isinstance(reply.get("next"), int)
+                and isinstance(reply.get("events"), list)):
+            raise ValueError("not an events reply")
+        return reply
 
     def _loop(self) -> None:
-        boot, after, down_since = None, 0, None
+        boot, after, failing = None, 0, None
         while not self._stopped.is_set():
             try:
-                reply = self._fetch(after if boot else -1)
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("bucket events relay %s unreachable (%s): polling only until it is back",
-                                self.url, getattr(exc, "reason", exc))
+                reply = self._fetch(after, boot)
+            except Exception as exc:  # the thread must outlive any reply: polling covers the gap
+                problem = "the token is refused (CNS_EVENTS_TOKEN is not this stack's)" \
+                    if isinstance(exc, urllib.error.HTTPError) and exc.code == 401 \
+                    else f"unreachable ({getattr(exc, 'reason', exc)})"
+                if failing != problem:
+                    log.warning("bucket events relay %s: %s; polling only until it answers", self.url, problem)
+                    failing = problem
                 self.connected.clear()
                 self._stopped.wait(2.0)
                 continue
-            if down_since is not None:
-                log.info("bucket events relay %s reachable again", self.url)
-                down_since = None
-            self.connected.set()
-            if boot is None:  # the first answer (after=-1) only says where the relay is now
-                boot, after = reply["boot"], reply["next"]
-                continue
-            if reply["boot"] != boot or reply["lost"]:
+            if failing is not None or boot is None:
+                # first contact, or back after a gap: whatever landed meanwhile may be pending
+                if failing is not None:
+                    log.info("bucket events relay %s answers again", self.url)
+                self.trigger.wake("connected to the events relay")
+                failing = None
+            elif reply["boot"] != boot or reply.get("lost"):
                 self.trigger.wake("the events relay restarted or dropped events")
-                boot = reply["boot"]
-            after = reply["next"]
+            boot, after = reply["boot"], reply["next"]
+            self.connected.set()
             for item in reply["events"]:
-                event = BucketEvent(item["bucket"], item["key"], item["kind"])
+                try:
+                    event = BucketEvent(str(item["bucket"]), str(item["key"]), str(item["kind"]))
+                except (KeyError, TypeError):
+                    continue
                 if event.bucket == self.bucket and event.wakes:
-                    # a manifest is what makes a folder ready: check now; other files may come in
-                    # a burst (an upload's images), so they wait out the debounce
-                    self.trigger.wake(f"{event.kind} {event.key}", MANIFEST_DELAY if event.is_manifest else None)
+                    # a manifest is what makes a folder ready: check now; other files come in
+                    # bursts (an upload's images), so they wait for the burst to pause
+                    if event.is_manifest:
+                        self.trigger.wake(f"{event.kind} {event.key}", MANIFEST_DELAY)
+                    else:
+                        self.trigger.wake_trailing(f"{event.kind} {event.key}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,10 +161,10 @@ def client_env(config: StackConfig, creds: Credentials | None, with_secret: bool
     auth_string = prefect_auth_string(config.root) if logins else None
     if auth_string is not None:
         env["PREFECT_API_AUTH_STRING"] = auth_string
-    token = events_token(config.root) if logins else None
-    if token is not None:  # the bucket-event relay `cns serve` subscribes to (tasks/events.py)
+    if events_token(config.root) is not None:  # the bucket-event relay `cns serve` subscribes to
         env["CNS_EVENTS_URL"] = config.events_url
-        env["CNS_EVENTS_TOKEN"] = token
+        if logins:
+            env["CNS_EVENTS_TOKEN"] = events_token(config.root)
     return env
 
 
@@ -455,6 +455,12 @@ def events_token(root: Path, create: bool = False) -> str | None:
 
 def ensure_notifications(config: StackConfig) -> Path:
     """``<root>/notification.toml`` (0600; the filer reads it from its working directory at start)."""
+    path = config.root / NOTIFICATION_FILE
+    _write_private(path, _notifications(config).encode())
+    return path
+
+
+def _notifications(config: StackConfig) -> str:
     token = events_token(config.root, create=True)
     q = json.dumps
     lines = ["# made by `cns stack up`: bucket events to the stack's relay (tasks/events.py); keep it private",
@@ -464,9 +470,7 @@ def ensure_notifications(config: StackConfig) -> Path:
              "timeout_seconds = 5", "max_retries = 3", "backoff_seconds = 1", "max_backoff_seconds = 4",
              "workers = 2", "buffer_size = 10000", 'event_types = ["create", "update", "rename", "delete"]',
              'path_prefixes = ["/buckets/"]', ""]
-    path = config.root / NOTIFICATION_FILE
-    _write_private(path, "\n".join(lines).encode())
-    return path
+    return "\n".join(lines)
 
 
 def _health_urls(name: str, config: StackConfig) -> list[str]:
@@ -663,6 +667,11 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
     ensure_bucket(config, creds)
     if "s3" in to_start:
         ensure_readable(config, creds, max(deadline, time.monotonic() + 20))
+    notifications = config.root / NOTIFICATION_FILE
+    if "s3" not in to_start and (not notifications.is_file() or notifications.read_text() != _notifications(config)):
+        log.warning("the running S3 server sends its bucket events elsewhere (or not at all): it was started "
+                    "with another events port or token, or before events existed; restart it (cns stack down, "
+                    "then cns stack up) so that `cns serve` hears of new datasets at once")
     if "prefect" not in to_start and prefect_open(config):
         log.warning("the running Prefect server (%s) answers without authentication: it was started before "
                     "authentication was turned on; restart it (cns stack down, then cns stack up)",
@@ -777,6 +786,9 @@ def stop_service(config: StackConfig, name: str, timeout: float = 15.0) -> bool:
     killed = time.monotonic() + KILL_WAIT
     while _group_members(pgid) and time.monotonic() < killed:  # SIGKILL is not instant for a busy process
         time.sleep(0.05)
+    if left := _group_members(pgid):
+        log.warning("%s: processes %s outlived SIGKILL for %.0f s (uninterruptible I/O?); its ports may stay "
+                    "busy until they exit", name, ", ".join(map(str, left)), KILL_WAIT)
     log.info("stopped %s (pid %d) in %.1f s", name, pgid, time.monotonic() - start)
     _record_path(config, name).unlink(missing_ok=True)
     return True

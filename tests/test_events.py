@@ -28,6 +28,9 @@ class Wakes:
     def wake_at(self, when, reason):
         self.reasons.append(reason)
 
+    def wake_trailing(self, reason):
+        self.reasons.append(reason)
+
 
 @pytest.fixture
 def relay():
@@ -130,6 +133,14 @@ def test_s3_event_notifications_are_understood_and_keys_unquoted():
     assert parse_events(removed) == [BucketEvent("cns", "forget/dog", "delete")]
 
 
+def test_eventbridge_s3_events_are_understood():
+    created = {"source": "aws.s3", "detail-type": "Object Created",
+               "detail": {"bucket": {"name": "cns"}, "object": {"key": "incoming/dog/concept.yaml"}}}
+    deleted = {**created, "detail-type": "Object Deleted"}
+    assert parse_events(json.dumps(created).encode()) == [BucketEvent("cns", "incoming/dog/concept.yaml", "create")]
+    assert parse_events(json.dumps(deleted).encode())[0].kind == "delete"
+
+
 def test_what_wakes_a_pass():
     wakes = [BucketEvent("cns", k, "create").wakes for k in (
         "incoming/dog/concept.yaml", "incoming/dog/00.png", "forget/dog",
@@ -148,14 +159,17 @@ def test_the_subscriber_wakes_for_its_bucket_only_and_when_the_relay_restarts(re
         for key in ("/buckets/cns/incoming/dog/concept.yaml", "/buckets/other/incoming/dog/concept.yaml",
                     "/buckets/cns/mlflow/1/a.png", "/buckets/cns/forget/dog"):
             post(relay.url, filer_event(key))
-        while len(wakes.reasons) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert wakes.reasons == ["create incoming/dog/concept.yaml", "create forget/dog"]
-        relay.boot = "another"  # what a restarted relay answers
-        post(relay.url, filer_event("/buckets/cns/mlflow/2/b.png"))
         while len(wakes.reasons) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert wakes.reasons[2] == "the events relay restarted or dropped events"
+        # first contact wakes a check too: something may have landed before it
+        assert wakes.reasons == ["connected to the events relay", "create incoming/dog/concept.yaml",
+                                 "create forget/dog"]
+        relay.boot = "another"  # what a restarted relay answers; it answers at once, not after the wait
+        start = time.monotonic()
+        while len(wakes.reasons) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert wakes.reasons[3] == "the events relay restarted or dropped events"
+        assert time.monotonic() - start < 1.5
     finally:
         sub.stop()
 
@@ -262,3 +276,126 @@ def test_the_bucket_hash_cache_is_never_written_into_the_current_directory(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["xdg"]
     monkeypatch.setenv("CNS_STACK_DIR", str(tmp_path / "stack"))
     assert default_cache_path(client, "cns").parent == tmp_path / "stack" / "cache"
+
+
+def test_a_subscriber_ahead_of_the_relay_or_of_another_boot_is_answered_at_once(relay):
+    post(relay.url, filer_event("/buckets/cns/incoming/a/b.png"))
+    for query in ("after=5&wait=5", f"after=0&wait=5&boot=not-{relay.boot}"):
+        start = time.monotonic()
+        status, body = request(relay.url, f"/events?{query}")
+        got = json.loads(body)
+        assert status == 200 and got["lost"] and got["next"] == 1 and time.monotonic() - start < 1
+
+
+def test_hostile_connections_do_not_wedge_the_relay(monkeypatch):
+    """Deep JSON, a chunked body, idle sockets (closed after the socket timeout) and more
+    connections than the cap: each is refused or dropped, and the relay still answers."""
+    import socket
+
+    import tasks.events as module
+
+    monkeypatch.setattr(module, "SOCKET_TIMEOUT", 0.5)
+    monkeypatch.setattr(module, "MAX_CONNECTIONS", 3)
+    rel = Relay("127.0.0.1:0", TOKEN).start()
+    try:
+        assert post(rel.url, b"[" * 100_000) == 400
+        host, port = rel.server.server_address[:2]
+        with socket.create_connection((host, port), timeout=5) as sock:
+            sock.sendall(b"POST /seaweedfs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
+                         b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 411")
+        idle = [socket.create_connection((host, port), timeout=5) for _ in range(3)]  # the cap, held
+        extra = socket.create_connection((host, port), timeout=5)
+        assert extra.recv(10) == b""  # over the cap: closed at once
+        extra.close()
+        for sock in idle:
+            assert sock.recv(10) == b""  # closed by the socket timeout, not held forever
+            sock.close()
+        assert request(rel.url, "/health", token=None)[0] == 200
+        assert events(rel.url)["events"] == []
+    finally:
+        rel.stop()
+
+
+def test_the_subscriber_outlives_garbage_replies_and_names_a_refused_token(caplog):
+    """A reply that is not an events reply, and a 401, leave the subscriber thread alive and
+    polling; a refused token is said as such (not "unreachable")."""
+    import logging
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers = [(200, b'{"x": 1}'), (200, b"null"), (401, b"")]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            status, body = answers.pop(0) if answers else (200, b'{"boot": "b", "next": 0, "events": []}')
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    import tasks.events as events
+
+    wakes = Wakes()
+    sub = Subscriber(f"http://127.0.0.1:{server.server_address[1]}", TOKEN, "cns", wakes, wait=0.2)
+    saved = events.Subscriber._loop
+    try:
+        with caplog.at_level(logging.WARNING, logger="tasks.events"):
+            sub._stopped.wait = lambda timeout: time.sleep(0.05)  # no 2 s pause between tries here
+            sub.start()
+            deadline = time.monotonic() + 10
+            while not sub.connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert sub.connected.is_set() and sub._thread.is_alive()
+        assert "connected to the events relay" in wakes.reasons
+        assert any("token is refused" in r.getMessage() for r in caplog.records)
+    finally:
+        sub._stopped.set()
+        events.Subscriber._loop = saved
+        server.shutdown()
+
+
+def test_a_burst_of_image_events_is_checked_once_it_pauses_and_never_later_than_max_defer():
+    import tasks.events as events
+
+    times = []
+    trigger = PassTrigger(lambda r: times.append(time.monotonic()), debounce=0.3).start()
+    try:
+        start = time.monotonic()
+        for _ in range(8):  # an upload: an image every 0.1 s for 0.8 s
+            trigger.wake_trailing("create incoming/dog/0x.png")
+            time.sleep(0.1)
+        time.sleep(0.6)
+        assert len(times) == 1 and 0.7 + 0.25 <= times[0] - start < 0.7 + 0.6  # 0.3 s after the last event
+        times.clear()
+        start = time.monotonic()
+        while time.monotonic() - start < events.MAX_DEFER + 0.8:  # a burst that never pauses
+            trigger.wake_trailing("create incoming/dog/0y.png")
+            time.sleep(0.1)
+        assert times and times[0] - start <= events.MAX_DEFER + 0.2
+    finally:
+        trigger.stop(timeout=5)
+
+
+def test_failed_passes_back_off(monkeypatch):
+    import tasks.events as events
+
+    monkeypatch.setattr(events, "RETRY_SECONDS", 0.1)
+    calls = []
+
+    def failing(reason):
+        calls.append(time.monotonic())
+        raise RuntimeError("S3 is down")
+
+    trigger = PassTrigger(failing, debounce=0.01).start()
+    try:
+        trigger.wake("drop")
+        time.sleep(1.0)
+    finally:
+        trigger.stop(timeout=5)
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert len(calls) in (4, 5) and all(later > 1.6 * earlier for earlier, later in zip(gaps, gaps[1:]))

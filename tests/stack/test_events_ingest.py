@@ -82,6 +82,14 @@ def test_a_dropped_dataset_is_ready_at_once_and_a_plain_upload_only_once_settled
     # an image added after the drop breaks the claim: the folder settles like any other
     client.upload_file(str(plain / "00.png"), name, f"incoming/{dropped.name}/99.png")
     assert bucket.scan(client, name, limits=limits, lineage=None, concept=dropped.name)[0].state == "settling"
+    # so does an image replaced after the manifest by one of the same size (a re-upload that
+    # keeps an old vouching manifest): the manifest must be the newest object
+    again = make_concept(tmp_path, f"{concept_name}-r")
+    bucket.drop(client, name, again)
+    assert bucket.scan(client, name, limits=limits, lineage=None, concept=again.name)[0].state == "pending"
+    time.sleep(1.1)  # LastModified has whole seconds
+    client.upload_file(str(again / "00.png"), name, f"incoming/{again.name}/00.png")
+    assert bucket.scan(client, name, limits=limits, lineage=None, concept=again.name)[0].state == "settling"
 
 
 @pytest.mark.timeout(900)
