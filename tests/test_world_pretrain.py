@@ -66,3 +66,27 @@ def test_a_checkpoint_resumes_only_under_its_own_settings(tmp_path):
              progress=False)
     with pytest.raises(CNSError, match="other settings"):
         pretrain(tmp_path / "ckpt", PretrainConfig(steps=2, batch_size=4, warmup_steps=1), progress=False)
+
+
+def test_sigterm_checkpoints_at_the_end_of_the_step_and_the_run_resumes(tmp_path):
+    """A scheduler's stop (SIGTERM) costs one step, not the work since the last checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tmp_path / "ckpt"
+    code = ("from world.model import PretrainConfig, pretrain; "
+            f"s = pretrain({str(ckpt)!r}, PretrainConfig(steps=100000, batch_size=2, warmup_steps=2), "
+            "checkpoint_minutes=600, progress=False); print('stopped at', s['step'])")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(20)  # imports, the model, and some steps (no checkpoint: it would come after 10 h)
+    assert not (ckpt / "state.json").exists()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    assert out.strip() == f"stopped at {step}" and step > 1
+    assert "SIGTERM: checkpointing at the end of this step" in err

@@ -13,11 +13,14 @@ GPU; ``export_model`` writes the EMA as the model folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import platform
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -206,10 +209,8 @@ def pretrain(checkpoint_dir: str | Path, config: PretrainConfig, *, device: str 
         checkpoint.save(params, ema, optimizer, state)
         last_save = time.monotonic()
 
-    bar = tqdm(range(start_step, config.steps), desc="pretraining", disable=not progress, mininterval=10,
-               initial=start_step, total=config.steps)
-    step = start_step
-    for step in bar:
+    def train_step(step: int) -> None:
+        nonlocal window
         pixels, captions = scene_batch(rng, config.batch_size, config, holdout)
         # cns's own loss (noise, then timesteps, from the generator; v target): the same objective
         # the concepts are later learned with.
@@ -229,15 +230,57 @@ def pretrain(checkpoint_dir: str | Path, config: PretrainConfig, *, device: str 
             if not progress:
                 log.info("step %d/%d loss %.4f", step + 1, config.steps, state["loss_curve"][-1])
             window = []
-        now = time.monotonic()
-        if budget_minutes is not None and now - started >= budget_minutes * 60:
-            save(step + 1)
-            log.info("time budget reached at step %d of %d; resume with the same command", step + 1, config.steps)
-            return state
-        if now - last_save >= checkpoint_minutes * 60:
-            save(step + 1)
+
+    bar = tqdm(range(start_step, config.steps), desc="pretraining", disable=not progress, mininterval=10,
+               initial=start_step, total=config.steps)
+    step = start_step
+    with stop_requests() as stop:
+        for step in bar:
+            train_step(step)
+            now = time.monotonic()
+            if stop.is_set():
+                save(step + 1)
+                log.info("stopped at step %d of %d, checkpoint saved; resume with the same command", step + 1,
+                         config.steps)
+                return state
+            if budget_minutes is not None and now - started >= budget_minutes * 60:
+                save(step + 1)
+                log.info("time budget reached at step %d of %d; resume with the same command", step + 1,
+                         config.steps)
+                return state
+            if now - last_save >= checkpoint_minutes * 60:
+                save(step + 1)
     save(config.steps)
     return state
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """An event set by SIGTERM or SIGINT (a scheduler's stop, Ctrl-C): the pretraining loop then
+    checkpoints and returns at the end of the step instead of losing the work since its last
+    checkpoint. A second signal acts as it would have. Off the main thread (where Python delivers
+    no signals) the event is never set."""
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if asked.is_set():  # asked twice: do what the signal did before
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+            return
+        log.warning("%s: checkpointing at the end of this step, then stopping", signal.Signals(signum).name)
+        asked.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield asked
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def export_model(checkpoint_dir: str | Path, out_dir: str | Path, evaluate_fn=None) -> dict:
