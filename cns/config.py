@@ -164,7 +164,7 @@ class PipelineConfig:
     # The nightly run (CNS_NIGHTLY_CRON overrides): learn what is pending, re-check every concept.
     nightly_cron: str = "0 2 * * *"
     timezone: str = "UTC"
-    # Scoring and finetuning tasks tagged `gpu` run at most this many at once.
+    # Scoring and finetuning steps on one device of one machine at once (cns.lock.device_slot).
     gpu_task_concurrency: int = 1
     # MLflow reserves the alias "latest" (models:/<name>/latest already means the newest
     # version), so each new version gets this alias instead.

@@ -72,3 +72,48 @@ def model_lock(model_dir: str | Path, timeout_seconds: float, what: str | None =
             handle.truncate()
             handle.flush()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def slots_dir() -> Path:
+    """Where this machine's device slots live: ``$XDG_CACHE_HOME/cns-pipeline/locks`` (~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cns-pipeline" / "locks"
+
+
+@contextlib.contextmanager
+def device_slot(device: str, slots: int, timeout_seconds: float, what: str | None = None):
+    """One of ``slots`` places on this machine's ``device`` (``cpu``, ``cuda:0``, ...), held while a
+    step trains or scores on it, by any process of this user: N pipelines (or lineages) on one GPU
+    take turns, one per GPU on N machines run at once. flock files, freed when a holder dies; a wait
+    past ``timeout_seconds`` is a LockTimeout naming the files."""
+    directory = slots_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    name = "".join(ch if ch.isalnum() else "-" for ch in device)
+    handles = [open(directory / f"device-{name}-{i}.lock", "a+") for i in range(max(1, slots))]
+    deadline = time.monotonic() + timeout_seconds
+    try:
+        while True:
+            for handle in handles:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                try:
+                    handle.seek(0)
+                    handle.truncate()
+                    handle.write(_holder(what or " ".join([Path(sys.argv[0]).name, *sys.argv[1:3]])) + "\n")
+                    handle.flush()
+                    yield Path(handle.name)
+                finally:
+                    handle.seek(0)
+                    handle.truncate()
+                    handle.flush()
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+            if time.monotonic() >= deadline:
+                raise LockTimeout(directory / f"device-{name}-*.lock", f"all {len(handles)} slot(s) of {device} still "
+                                  f"taken after {timeout_seconds:g} s; raise pipeline.lock_timeout_seconds or "
+                                  "pipeline.gpu_task_concurrency")
+            time.sleep(POLL_SECONDS / 4)
+    finally:
+        for handle in handles:
+            handle.close()

@@ -38,7 +38,6 @@ from tasks.versioning import Workspace
 
 log = logging.getLogger(__name__)
 
-GPU_TAG = "gpu"
 _SESSIONS: dict[Path, CumulativeModel] = {}
 _LIMITS_READY: set[str] = set()
 step_task = task(cache_policy=NO_CACHE)  # in-memory objects as inputs: nothing to cache or hash
@@ -51,7 +50,7 @@ def lock_name(config: Config) -> str:
 
 
 def ensure_limits(config: Config) -> bool:
-    """Create the lineage lock (1 slot) and the ``gpu`` tag limit on the Prefect server, if any."""
+    """Create the lineage lock (1 slot) on the Prefect server, if any."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -65,7 +64,6 @@ def ensure_limits(config: Config) -> bool:
                 with contextlib.suppress(ObjectAlreadyExists):
                     client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=lock_name(config),
                                                                                         limit=1))
-            client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=config.pipeline.gpu_task_concurrency)
     except (OSError, RuntimeError) as exc:  # no server reachable: the file lock still serializes
         log.warning("could not set Prefect concurrency limits: %s", exc)
         return False
@@ -324,10 +322,25 @@ def prepare_concept(model: CumulativeModel, concept: Concept, config: Config):
     return prepared, steps.general(model, config)[0]
 
 
-@step_task(name="score-neurons", tags=[GPU_TAG])
+@contextlib.contextmanager
+def on_device(model: CumulativeModel, config: Config):
+    """Hold one of this machine's ``pipeline.gpu_task_concurrency`` slots of the model's device
+    (cns.lock.device_slot) while a step scores or trains. A machine-local file lock, not a Prefect
+    tag limit: that one is global to the server (one GPU task in the whole pool, whatever the
+    number of GPUs), and its slot comes back only after the task's lease is released, which cost
+    each learn two waits of about 2 s (the server's Retry-After) between scoring and training."""
+    from cns.lock import device_slot
+
+    with device_slot(str(model.model.device), config.pipeline.gpu_task_concurrency,
+                     config.pipeline.lock_timeout_seconds, what=f"cns pipeline, {_flow_run_label()}"):
+        yield
+
+
+@step_task(name="score-neurons")
 def score_neurons(model: CumulativeModel, prepared: steps.PreparedConcept, general, config: Config):
     """Score every K/V row for the concept, then select: base - general - owned."""
-    scores = steps.score(model, prepared, config, progress=False)
+    with on_device(model, config):
+        scores = steps.score(model, prepared, config, progress=False)
     with steps.timed(prepared, "select"):
         selection = steps.select(model, scores, general, config)
     prepared.peak_rss_mb["score"] = peak_rss_mb()
@@ -335,9 +348,10 @@ def score_neurons(model: CumulativeModel, prepared: steps.PreparedConcept, gener
     return scores, selection
 
 
-@step_task(name="finetune", tags=[GPU_TAG])
+@step_task(name="finetune")
 def finetune(model: CumulativeModel, prepared: steps.PreparedConcept, selection, config: Config):
-    result = steps.train(model, prepared, selection, config, progress=False)
+    with on_device(model, config):
+        result = steps.train(model, prepared, selection, config, progress=False)
     prepared.peak_rss_mb["train"] = peak_rss_mb()
     return result
 

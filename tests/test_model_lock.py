@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -49,3 +50,35 @@ def test_the_next_holder_reads_the_line_of_a_holder_that_was_killed(tmp_path):
     holder.wait()
     with model_lock(tmp_path / "model", 1) as left:
         assert left.startswith(f"pid {holder.pid} on ") and "(held by the test)" in left
+
+
+def test_device_slots_let_n_steps_share_a_device_and_name_the_files_on_timeout(tmp_path, monkeypatch):
+    """Scoring and finetuning take a machine-local slot of their device (issue 14: not a Prefect
+    tag limit, which is global to the server and cost each learn ~4 s)."""
+    import threading
+
+    from cns.lock import device_slot
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with device_slot("cuda:0", 2, 1.0) as first, device_slot("cuda:0", 2, 1.0) as second:
+        assert first != second  # two slots: both held at once
+        with pytest.raises(LockTimeout) as err:
+            with device_slot("cuda:0", 2, 0.3):
+                pass
+        assert "device-cuda-0-*.lock" in str(err.value) and "2 slot(s) of cuda:0" in str(err.value)
+        with device_slot("cuda:1", 2, 0.3):  # another device is not taken
+            pass
+    order = []
+
+    def take(label, hold):
+        with device_slot("cpu", 1, 10.0):
+            order.append(f"{label} in")
+            time.sleep(hold)
+            order.append(f"{label} out")
+
+    one = threading.Thread(target=take, args=("a", 0.5))
+    one.start()
+    time.sleep(0.1)
+    take("b", 0)
+    one.join()
+    assert order == ["a in", "a out", "b in", "b out"]  # one slot: the second waits for the first
