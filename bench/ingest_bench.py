@@ -114,7 +114,9 @@ def phase(label: str, ws, root: Path, drops: int, env: dict, settle_wait: float)
                 if server.poll() is not None or time.monotonic() > limit:
                     raise SystemExit(f"{concept} never completed: {log_path.read_text(errors='replace')[-3000:]}")
                 time.sleep(0.5)
-            time.sleep(random.uniform(0, 1))  # drops at arbitrary moments of the poll cycle
+            # the next drop lands 2-5 s after this learn finished (the servers have written its logs and
+            # artifacts), at an arbitrary moment of the poll cycle
+            time.sleep(random.uniform(2, 5))
     finally:
         os.killpg(server.pid, 2)
         try:
@@ -178,7 +180,8 @@ def main() -> int:
         f"{load:.1f} at the start; one run, "
         f"fresh stack and workspace; `cns serve` learning datasets dropped one at a time with `cns drop`'s code "
         f"(settle time {settle} s, which the manifest's `cns-files` claim makes unnecessary). Latency: the "
-        "manifest's upload returned -> the `score-neurons` task run started. "
+        "manifest's upload returned -> the `score-neurons` task run started; each drop 2-5 s after the previous "
+        "learn finished. "
         "Command: `.venv/bin/python bench/ingest_bench.py --write-docs docs/benchmarks.md`.",
         "",
         "| ingest | drops | median s | p90 s | max s |",
