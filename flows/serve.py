@@ -14,7 +14,6 @@ import os
 from datetime import timedelta
 
 from cns.config import Config
-from cns.lineage import read_lineage
 from flows.pipeline import forget, nightly, personalize, watch
 from tasks.learning import ensure_limits
 
@@ -59,16 +58,14 @@ def event_pass(workspace: str):
     when a dataset is pending or a removal request waits; returns the seconds until the first
     settling dataset is ready (None: nothing settling)."""
     from tasks import bucket, s3
+    from tasks.learning import scan_datasets
     from tasks.versioning import open_workspace
 
     def run(reason: str) -> float | None:
         ws = open_workspace(workspace)
-        config = ws.config()
-        client, name = s3.client(), s3.bucket_name()
-        datasets = bucket.scan(client, name, limits=config.limits, lineage=read_lineage(ws.model_dir),
-                               cache=bucket.HashCache(bucket.default_cache_path(client, name)))
+        datasets = scan_datasets(ws, ws.config())
         pending = [d.concept for d in datasets if d.state == "pending"]
-        if pending or bucket.removal_requests(client, name):
+        if pending or bucket.removal_requests(s3.client(), s3.bucket_name()):
             log.info("bucket event (%s): a watch pass for %s", reason, ", ".join(pending) or "a removal request")
             outcomes = watch.with_options(flow_run_name="watch-event")(workspace)
             if any(o.get("outcome") in MOVED for o in outcomes):

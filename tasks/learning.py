@@ -241,13 +241,18 @@ def version_tags(ws: Workspace, version: int) -> dict[str, str]:
 
 # ---- the bucket -------------------------------------------------------------------------------
 
+def scan_datasets(ws: Workspace, config: Config, concept: str | None = None) -> list[bucket.Dataset]:
+    """Every dataset of the bucket (settling and incomplete ones too), learned per the workspace's lineage."""
+    client = s3.client()
+    name = s3.bucket_name()
+    return bucket.scan(client, name, limits=config.limits, lineage=read_lineage(ws.model_dir),
+                       cache=bucket.HashCache(bucket.default_cache_path(client, name)), concept=concept)
+
+
 @task(name="find-datasets", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def find_datasets(ws: Workspace, config: Config, concept: str | None = None) -> list[bucket.Dataset]:
     """Ready datasets with their states (learned per the workspace's lineage), oldest first."""
-    client = s3.client()
-    name = s3.bucket_name()
-    datasets = bucket.scan(client, name, limits=config.limits, lineage=read_lineage(ws.model_dir),
-                           cache=bucket.HashCache(bucket.default_cache_path(client, name)), concept=concept)
+    datasets = scan_datasets(ws, config, concept)
     return sorted((d for d in datasets if d.ready), key=lambda d: (d.ready_at or "", d.concept))
 
 

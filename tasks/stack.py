@@ -161,10 +161,11 @@ def client_env(config: StackConfig, creds: Credentials | None, with_secret: bool
     auth_string = prefect_auth_string(config.root) if logins else None
     if auth_string is not None:
         env["PREFECT_API_AUTH_STRING"] = auth_string
-    if events_token(config.root) is not None:  # the bucket-event relay `cns serve` subscribes to
+    token = events_token(config.root)
+    if token is not None:  # the bucket-event relay `cns serve` subscribes to
         env["CNS_EVENTS_URL"] = config.events_url
         if logins:
-            env["CNS_EVENTS_TOKEN"] = events_token(config.root)
+            env["CNS_EVENTS_TOKEN"] = token
     return env
 
 
@@ -679,12 +680,19 @@ def up(config: StackConfig, timeout: float = 60.0) -> tuple[list[ServiceStatus],
     return status(config), creds
 
 
-def ensure_bucket(config: StackConfig, creds: Credentials) -> None:
+def _s3_client(config: StackConfig, creds: Credentials, **botocore_config):
     import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=config.s3_url, aws_access_key_id=creds.access_key,
+                        aws_secret_access_key=creds.secret_key, region_name="us-east-1",
+                        config=Config(**botocore_config) if botocore_config else None)
+
+
+def ensure_bucket(config: StackConfig, creds: Credentials) -> None:
     from botocore.exceptions import ClientError
 
-    s3 = boto3.client("s3", endpoint_url=config.s3_url, aws_access_key_id=creds.access_key,
-                      aws_secret_access_key=creds.secret_key, region_name="us-east-1")
+    s3 = _s3_client(config, creds)
     for attempt in range(50):  # the filer may answer /healthz a moment before it accepts writes
         try:
             s3.head_bucket(Bucket=config.bucket)
@@ -720,13 +728,9 @@ def ensure_readable(config: StackConfig, creds: Credentials, deadline: float) ->
     /healthz is 200 (seen on CI after a killed S3 server). One object written and read back, and
     the first stored object read, prove the path for every volume of the one volume server.
     """
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
-    s3 = boto3.client("s3", endpoint_url=config.s3_url, aws_access_key_id=creds.access_key,
-                      aws_secret_access_key=creds.secret_key, region_name="us-east-1",
-                      config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+    s3 = _s3_client(config, creds, retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5)
     body, failures, last = secrets.token_bytes(16), 0, None
     while True:
         try:

@@ -73,11 +73,14 @@ def own_workspace(tmp_path_factory, prefix: str, **sections):
 
 
 def runs_tagged(model_name: str, tag: str, value: str) -> list:
-    """The MLflow runs of the lineage ``model_name`` whose tag ``tag`` is ``value``."""
+    """The MLflow runs of the lineage ``model_name`` whose tag ``tag`` is ``value`` (none while the
+    lineage's experiment does not exist yet: its first run creates it)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(model_name)
+    if experiment is None:
+        return []
     return client.search_runs([experiment.experiment_id], f"tags.`{tag}` = '{value}'")
 
 
