@@ -153,8 +153,11 @@ def test_up_after_down_works_and_keeps_the_data(running_stack):
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     # the artifact went through the MLflow server into the bucket, and comes back after a restart
     assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/note.txt") == "artifact body"
-    assert any(o["Key"].endswith("/note.txt") for o in s3.list_objects_v2(
-        Bucket=running_stack.bucket, Prefix="mlflow/").get("Contents", []))
+    # (listed under the run's own prefix: by now other tests have put far more than one
+    # page of 1,000 keys under mlflow/)
+    stored = s3.list_objects_v2(Bucket=running_stack.bucket,
+                                Prefix=f"mlflow/{experiment_id}/{run.info.run_id}/").get("Contents", [])
+    assert [o["Key"].rsplit("/", 1)[-1] for o in stored] == ["note.txt"]
 
 
 def test_prefect_server_answers_the_api(running_stack):

@@ -35,6 +35,7 @@ from botocore.exceptions import ClientError
 
 from flows.cli import build_parser
 from tasks import stack
+from tasks.s3 import list_objects
 
 pytestmark = pytest.mark.stack
 
@@ -272,7 +273,7 @@ def test_no_door_reads_or_writes_bucket_data_over_http_without_keys(running_stac
           sep="\n  ")
     s3 = running_stack.client()
     assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == SECRET
-    listed = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+    listed = {key for key, *_ in list_objects(s3, bucket, "")}
     assert not {k for k in listed if "intruder" in k}, listed
 
 
@@ -476,8 +477,7 @@ def assert_mlflow_unchanged(running_stack, p: MlflowProbe) -> None:
     assert not model.description and not client.search_model_versions(f"name='{p.model}'")
     status, _, _ = mlflow_request(running_stack, "GET", "/api/2.0/mlflow/users/get?username=intruder", p.login)
     assert status == 404
-    keys = {o["Key"] for o in running_stack.client().list_objects_v2(
-        Bucket=running_stack.bucket, Prefix="mlflow/").get("Contents", [])}
+    keys = {key for key, *_ in list_objects(running_stack.client(), running_stack.bucket, "mlflow/")}
     assert not {k for k in keys if "intruder" in k or "evil" in k}, keys
 
 
@@ -566,7 +566,7 @@ def test_mlflow_artifact_proxy_reaches_only_the_mlflow_prefix(running_stack, mlf
         status, _, _ = mlflow_request(running_stack, method, base + path, mlflow_probe.login,
                                       b"x" if method == "PUT" else None)
         assert status == 400, (method, path, status)
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=running_stack.bucket).get("Contents", [])}
+    keys = {key for key, *_ in list_objects(s3, running_stack.bucket, "")}
     assert not {k for k in keys if "evil" in k}, keys
 
 
