@@ -8,7 +8,7 @@ manifest with its `cns-files` claim), twice:
    interval 3600 s, so only an event can start the pass;
 2. **events off**: the same without CNS_EVENTS_URL (polling only), watch interval ``--interval``.
 
-Latency = the manifest's upload returned -> the `score-neurons` task run started (the first step of
+Latency = the manifest's upload returned -> the `score` task run started (the first step of
 training, from the Prefect server). Each drop waits for the previous learn to finish. The learns
 are the fewest steps the model can take: the latency does not depend on them.
 
@@ -107,7 +107,7 @@ def phase(label: str, ws, root: Path, drops: int, env: dict, settle_wait: float)
                 if server.poll() is not None or time.monotonic() > limit:
                     raise SystemExit(f"{concept} never started: {log_path.read_text(errors='replace')[-3000:]}")
                 time.sleep(0.1)
-                started = task_start("score-neurons", landed)
+                started = task_start("score", landed)
             latencies.append((started - landed).total_seconds())
             print(f"{label}: {concept} training started {latencies[-1]:.2f} s after its manifest landed", flush=True)
             while not complete(model_name, concept) or not idle(log_path):
@@ -180,7 +180,7 @@ def main() -> int:
         f"{load:.1f} at the start; one run, "
         f"fresh stack and workspace; `cns serve` learning datasets dropped one at a time with `cns drop`'s code "
         f"(settle time {settle} s, which the manifest's `cns-files` claim makes unnecessary). Latency: the "
-        "manifest's upload returned -> the `score-neurons` task run started; each drop 2-5 s after the previous "
+        "manifest's upload returned -> the `score` task run started; each drop 2-5 s after the previous "
         "learn finished. "
         "Command: `.venv/bin/python bench/ingest_bench.py --write-docs docs/benchmarks.md`.",
         "",

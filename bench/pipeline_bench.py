@@ -7,7 +7,7 @@ In one run, on a fresh local stack (temporary directory, its own ports) and a fr
    difference is what the pipeline adds (bucket, validation, evaluation, MLflow, DVC, git).
 2. The DVC remote's bytes after each version against the concept's own files.
 3. ``cns serve`` with a 10 s watch interval: from the manifest landing in the bucket to the
-   ``score-neurons`` task starting (the first step of training).
+   ``score`` task starting (the first step of training).
 
     .venv/bin/python bench/pipeline_bench.py [--interval 10] [--write-docs docs/benchmarks.md]
 """
@@ -107,7 +107,7 @@ def main() -> int:
             deadline = time.monotonic() + args.interval + 240
             while started is None and time.monotonic() < deadline:
                 time.sleep(0.5)
-                started = task_start("score-neurons", landed)
+                started = task_start("score", landed)
             latency = (started - landed).total_seconds() if started else float("nan")
         finally:
             os.killpg(serve.pid, 15)
@@ -139,7 +139,7 @@ def main() -> int:
         f"(target <= 15 s): **{'MET' if worst <= 15 else 'MISSED'}**. Both are fresh processes (imports "
         "included); the pipeline's share includes the whole-model evaluation of every concept so far "
         "(fixed-seed samples, held-out loss), the MLflow run with its artifacts, `dvc add`/`push` and the git commit.",
-        f"- Manifest landing -> `score-neurons` starting under `cns serve` with a {args.interval} s watch interval: "
+        f"- Manifest landing -> `score` starting under `cns serve` with a {args.interval} s watch interval: "
         f"{latency:.1f} s (target <= interval + 10 s = {args.interval + 10} s): "
         f"**{'MET' if latency <= args.interval + 10 else 'MISSED'}**.",
         "- DVC remote per version: the new concept's files plus its dataset plus the small lineage/.dir "

@@ -3,9 +3,9 @@ cumulative model, and every night every concept so far is checked again.
 
     watch        ready datasets in the bucket, oldest first -> personalize each; then each
                  removal request forget/<concept> -> forget
-    personalize  recover -> fetch + validate -> prepare (+ general neurons) -> score + select
-                 -> finetune -> write version -> evaluate -> log to MLflow -> dvc push + git tag
-                 -> register
+    personalize  recover -> fetch + validate -> prepare -> general -> score -> select -> train
+                 -> reference -> commit (cns.learn's steps, one task each) -> evaluate -> log to
+                 MLflow -> dvc push + git tag -> register
     nightly      watch, then evaluate every concept and log the forgetting report
     forget       recover -> remove one concept (cns.forget, no training) -> evaluate -> log to
                  MLflow (cns.kind=forget) -> dvc push + git commit "model vN: forget <concept>"
@@ -51,10 +51,14 @@ def _learn(ws: Workspace, config, dataset) -> dict:
     run_id = t.start_run(config, concept, dataset, model.lineage.version + 1)
     begin_version(ws, model.lineage.version + 1)  # from here the next pass may roll data/model back
     try:
-        prepared, general = t.prepare_concept(model, concept, config)
-        scores, selection = t.score_neurons(model, prepared, general, config)
-        result = t.finetune(model, prepared, selection, config)
-        record = t.write_version(model, prepared, selection, scores, result, dataset.hash, config)
+        # cns.learn.learn_into's steps, one task each
+        prepared = t.prepare(model, concept, config)
+        general = t.general(model, config)
+        scores = t.score(model, prepared, config)
+        selection = t.select(model, prepared, scores, general, config)
+        result = t.train(model, prepared, selection, config)
+        reference = t.reference(model, prepared, config)
+        record = t.commit(model, prepared, selection, scores, result, dataset.hash, config, reference)
         evaluation = t.evaluate(ws, model, config)
     except Exception as exc:
         t.drop_model(ws)

@@ -4,7 +4,7 @@
 point, as the kernel or an operator would (no cleanup, no ``finally``). Without the variable, or
 with another point named, :func:`fault_point` does nothing. The points, in the order a learn
 reaches them: ``fetch`` (dataset downloaded and validated into a temporary folder), ``score``
-(neurons scored and selected), ``write-version`` (new lineage and concept files in ``data/model``),
+(neurons scored and selected), ``commit`` (new lineage and concept files in ``data/model``),
 ``mlflow-log`` (metrics logged, artifacts not), ``dvc-add-half`` (the model ``dvc add``-ed, the
 dataset not), ``dvc-add`` (``dvc add`` done, nothing pushed), ``dvc-push-half`` (the model's objects
 pushed, the dataset's not), ``dvc-push`` (pushed, not committed), ``registry`` (tagged, not

@@ -320,11 +320,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@step_task(name="prepare-concept")
-def prepare_concept(model: CumulativeModel, concept: Concept, config: Config):
-    """Add the token, encode the images, and the base model's general neurons (cached)."""
-    prepared = steps.prepare(model, concept, config)
-    return prepared, steps.general(model, config)[0]
+# One task per step of cns.learn, under the step's own name: the Prefect UI, the lineage's
+# ``timings`` and the MLflow ``time/<step>_s`` metrics say the same words.
+
+@step_task(name="prepare")
+def prepare(model: CumulativeModel, concept: Concept, config: Config) -> steps.PreparedConcept:
+    """Add the token, encode the images, build the sampler of training pairs."""
+    return steps.prepare(model, concept, config)
+
+
+@step_task(name="general")
+def general(model: CumulativeModel, config: Config):
+    """The base model's general neurons (cached per base model and calibration settings)."""
+    return steps.general(model, config)[0]
 
 
 @contextlib.contextmanager
@@ -341,37 +349,48 @@ def on_device(model: CumulativeModel, config: Config):
         yield
 
 
-@step_task(name="score-neurons")
-def score_neurons(model: CumulativeModel, prepared: steps.PreparedConcept, general, config: Config):
-    """Score every K/V row for the concept, then select: base - general - owned."""
+@step_task(name="score")
+def score(model: CumulativeModel, prepared: steps.PreparedConcept, config: Config):
+    """Score every K/V row for the concept."""
     with on_device(model, config):
         scores = steps.score(model, prepared, config, progress=False)
-    with steps.timed(prepared, "select"):
-        selection = steps.select(model, scores, general, config)
     prepared.peak_rss_mb["score"] = peak_rss_mb()
+    return scores
+
+
+@step_task(name="select")
+def select(model: CumulativeModel, prepared: steps.PreparedConcept, scores, general_mask, config: Config):
+    """The concept's rows: its base neurons minus the general ones and those earlier concepts own."""
+    with steps.timed(prepared, "select"):
+        selection = steps.select(model, scores, general_mask, config)
     fault_point("score")
-    return scores, selection
+    return selection
 
 
-@step_task(name="finetune")
-def finetune(model: CumulativeModel, prepared: steps.PreparedConcept, selection, config: Config):
+@step_task(name="train")
+def train(model: CumulativeModel, prepared: steps.PreparedConcept, selection, config: Config):
     with on_device(model, config):
         result = steps.train(model, prepared, selection, config, progress=False)
     prepared.peak_rss_mb["train"] = peak_rss_mb()
     return result
 
 
-@step_task(name="write-version")
-def write_version(model: CumulativeModel, prepared: steps.PreparedConcept, selection, scores, result,
-                  dataset_hash: str, config: Config) -> ConceptRecord:
-    """The concept's files and the new lineage in ``data/model`` (not yet committed)."""
-    reference = steps.reference_samples(model, prepared, config)
-    record = steps.commit(model, prepared, selection, scores, result, dataset_hash, config, reference)
-    fault_point("write-version")
+@step_task(name="reference")
+def reference(model: CumulativeModel, prepared: steps.PreparedConcept, config: Config):
+    """The concept's fixed-seed samples right after learning (the forgetting measure's reference)."""
+    return steps.reference_samples(model, prepared, config)
+
+
+@step_task(name="commit")
+def commit(model: CumulativeModel, prepared: steps.PreparedConcept, selection, scores, result,
+           dataset_hash: str, config: Config, reference_images) -> ConceptRecord:
+    """The concept's files and the new lineage in ``data/model`` (not yet versioned)."""
+    record = steps.commit(model, prepared, selection, scores, result, dataset_hash, config, reference_images)
+    fault_point("commit")
     return record
 
 
-@step_task(name="evaluate-model")
+@step_task(name="evaluate")
 def evaluate(ws: Workspace, model: CumulativeModel, config: Config, write: bool = True,
              every_concept: bool = False) -> ModelEvaluation:
     """The metrics at this version of the newest concept and a rotating few earlier ones

@@ -35,7 +35,7 @@ FAST = {"train": {"max_train_steps": 4}, "scoring": {"num_score_samples": 2, "sc
         "evaluate": {"num_inference_steps": 2, "num_images_per_prompt": 1, "loss_draws": 2}}
 CNS = Path(sys.executable).parent / "cns"
 # The named points of tasks.faults, in the order a learn reaches them; True: the version is tagged there.
-KILL_POINTS = {"fetch": False, "score": False, "write-version": False, "mlflow-log": False, "dvc-add-half": False,
+KILL_POINTS = {"fetch": False, "score": False, "commit": False, "mlflow-log": False, "dvc-add-half": False,
                "dvc-add": False, "dvc-push-half": False, "dvc-push": False, "registry": True}
 
 

@@ -162,7 +162,7 @@ def test_a_run_killed_during_finetuning_is_redone_as_exactly_one_version(pipelin
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        running = TaskRunFilter(name=TaskRunFilterName(like_="finetune"),
+        running = TaskRunFilter(name=TaskRunFilterName(like_="train"),
                                 state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["Running"])))
         with get_client(sync_client=True) as client:
             while not client.read_task_runs(task_run_filter=running):
