@@ -121,11 +121,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cns.cumulative import open_model
     from cns.evaluate import load_judges
     from cns.report import evaluate_model, write_metrics
+    from cns.lineage import datasets_dir
 
     config = _config(args)
     model_dir = _model_dir(args, config)
     cumulative = open_model(model_dir, config)
-    datasets = Path(args.datasets) if args.datasets else model_dir.parent / "concepts"
+    datasets = Path(args.datasets) if args.datasets else datasets_dir(model_dir.parent)
     evaluation = evaluate_model(cumulative, config, load_judges(config.evaluate, cumulative.model.device),
                                 datasets, progress=not args.quiet)
     paths = write_metrics(evaluation, args.out)

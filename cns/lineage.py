@@ -39,6 +39,20 @@ def concept_file(model_dir: str | Path, name: str, file: str) -> Path:
 def relative_file(name: str, file: str) -> str:
     """As a lineage record stores it: relative to the model directory, with forward slashes."""
     return f"{CONCEPTS}/{name}/{file}"
+
+
+# Beside the model directory, a workspace keeps the datasets it learned (``data/datasets/<name>``,
+# DVC-tracked): "concepts" names the model's per-concept folders only. Workspaces made before the
+# rename keep their ``data/concepts`` (every tagged version of them holds it there) and go on using it.
+DATASETS = "datasets"
+LEGACY_DATASETS = "concepts"
+
+
+def datasets_dir(data_dir: str | Path) -> Path:
+    """The datasets folder in ``data_dir`` (a workspace's ``data/``, the model directory's parent)."""
+    data_dir = Path(data_dir)
+    legacy = data_dir / LEGACY_DATASETS
+    return legacy if legacy.is_dir() and not (data_dir / DATASETS).exists() else data_dir / DATASETS
 # 1: concepts only; 2: also "removals" (cns.forget). A lineage without removals is still written
 # as format 1, byte for byte as before.
 FORMATS = (1, 2)

@@ -67,7 +67,7 @@ def _add_library_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", parents=[common], help="evaluate every concept; write metrics/ (DVC stage)")
     p.add_argument("--out", default="metrics", help="output directory (default: metrics)")
-    p.add_argument("--datasets", help="learned datasets (default: <model dir>/../concepts)")
+    p.add_argument("--datasets", help="learned datasets (default: <model dir>/../datasets)")
     p.set_defaults(func=library.cmd_evaluate)
 
     p = sub.add_parser("calibrate", parents=[common], help="compute (or check) the base model's general neurons")

@@ -30,7 +30,7 @@ from cns.lock import LockTimeout, lock_path, model_lock
 from cns.cumulative import CumulativeModel, open_model
 from cns.evaluate import load_judges
 from cns import learn as steps
-from cns.lineage import ConceptRecord, read_lineage
+from cns.lineage import DELTA, MASK, ConceptRecord, concept_file, read_lineage
 from cns.report import ModelEvaluation, evaluate_model, write_metrics
 from tasks import bucket, s3, tracking, versioning
 from tasks.faults import fault_point
@@ -258,13 +258,13 @@ def find_datasets(ws: Workspace, config: Config, concept: str | None = None) -> 
 
 @task(name="fetch-dataset", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def fetch_dataset(ws: Workspace, config: Config, dataset: bucket.Dataset) -> tuple[Concept | None, str | None]:
-    """Download and validate into ``data/concepts/<name>``: (concept, None). A bad dataset is
+    """Download and validate into ``data/datasets/<name>``: (concept, None). A bad dataset is
     rejected (its ``error.json`` written) and (None, its error code) returned, with nothing else
     changed; a dataset that changed while read gives (None, "dataset_changed") and stays pending."""
     client = s3.client()
     name = s3.bucket_name()
-    ws.concepts_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=ws.concepts_dir) as tmp:
+    ws.datasets_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=ws.datasets_dir) as tmp:
         try:
             concept = bucket.validate(client, name, dataset, Path(tmp), limits=config.limits,
                                       lineage=read_lineage(ws.model_dir))
@@ -272,7 +272,7 @@ def fetch_dataset(ws: Workspace, config: Config, dataset: bucket.Dataset) -> tup
             bucket.reject(client, name, dataset, exc)
             return None, exc.code
         fault_point("fetch")
-        target = ws.concepts_dir / concept.name
+        target = ws.datasets_dir / concept.name
         if target.exists():  # left by an attempt that was rolled back
             shutil.rmtree(target)
         Path(tmp, dataset.concept).rename(target)
@@ -400,7 +400,7 @@ def evaluate(ws: Workspace, model: CumulativeModel, config: Config, write: bool 
     names = [c.name for c in model.lineage.concepts]
     chosen = None if every_concept else recheck_sample(names, model.lineage.version,
                                                        config.evaluate.recheck_per_version)
-    evaluation = evaluate_model(model, config, load_judges(config.evaluate, model.model.device), ws.concepts_dir,
+    evaluation = evaluate_model(model, config, load_judges(config.evaluate, model.model.device), ws.datasets_dir,
                                 concepts=chosen)
     if write:
         write_metrics(evaluation, ws.metrics_dir)
@@ -473,18 +473,18 @@ def log_run(ws: Workspace, config: Config, run_id: str, record: ConceptRecord, p
     fault_point("mlflow-log")
     tracking.set_tags(run_id, {f"eval.{name}.{k}": v for name, m in evaluation.metrics.items()
                                for k, v in m.items() if not isinstance(v, (int, float))})
-    concept_dir = ws.model_dir / "concepts" / record.name
+    mask, delta = concept_file(ws.model_dir, record.name, MASK), concept_file(ws.model_dir, record.name, DELTA)
     with tempfile.TemporaryDirectory(prefix="cns-artifacts-") as tmp:
         out = Path(tmp)
         (out / "neurons").mkdir()
-        shutil.copy(concept_dir / "mask.safetensors", out / "neurons" / "mask.safetensors")
+        shutil.copy(mask, out / "neurons" / MASK)
         summary = {k: record.stats[k] for k in ("neurons_total", "neurons_per_layer", "overlap_with_earlier",
                                                   "weights_changed", "percent_unet_weights", "selection")}
         (out / "neurons" / "neurons.json").write_text(json.dumps(summary, indent=2))
-        plots.mask_heatmap(load_masks(concept_dir / "mask.safetensors")[0], out / "neurons" / "neurons.png",
+        plots.mask_heatmap(load_masks(mask)[0], out / "neurons" / "neurons.png",
                            title=f"v{record.version} {record.name}: selected neurons per layer")
         (out / "delta").mkdir()
-        shutil.copy(concept_dir / "delta.safetensors", out / "delta" / "delta.safetensors")
+        shutil.copy(delta, out / "delta" / DELTA)
         review_artifacts(out, evaluation, ws.metrics_dir, config)
         tracking.log_sample_images(run_id, {name: out / "samples" / f"{name}.png" for name in evaluation.samples},
                                    record.version)

@@ -23,7 +23,7 @@ import yaml
 
 from cns.config import Config, load_config
 from cns.errors import CNSError
-from cns.lineage import ConceptRecord, read_lineage
+from cns.lineage import ConceptRecord, datasets_dir, read_lineage
 from tasks.faults import fault_point
 from tasks.s3 import bucket_name, endpoint_url
 
@@ -37,10 +37,6 @@ TAG_PREFIX = "model-v"
 ARTIFACT = "model"
 REMOTE = "storage"
 METRICS = "metrics"
-# What a version commits to git besides its dataset's .dvc file; a rollback restores all but
-# params.yaml (the user's, never reverted, committed with the next version).
-VERSIONED = ("data/model.dvc", "data/.gitignore", "data/concepts/.gitignore", "dvc.lock", METRICS)
-TRACKED = ("params.yaml", *VERSIONED)
 # Written (in .git, never committed) before a pass changes data/model, removed once the version is
 # tagged or rolled back: only a version a pass was writing is ever rolled back.
 IN_PROGRESS = "cns-version-in-progress"
@@ -59,8 +55,19 @@ class Workspace:
         return self.root / "data" / "model"
 
     @property
-    def concepts_dir(self) -> Path:
-        return self.root / "data" / "concepts"
+    def datasets_dir(self) -> Path:
+        """``data/datasets`` (``data/concepts`` in a workspace made before the rename)."""
+        return datasets_dir(self.root / "data")
+
+    @property
+    def datasets(self) -> str:
+        """:attr:`datasets_dir` relative to the root, as git and DVC name it."""
+        return self.datasets_dir.relative_to(self.root).as_posix()
+
+    def versioned(self) -> tuple[str, ...]:
+        """What a version commits to git besides its dataset's .dvc file; a rollback restores all
+        of it (params.yaml, the user's, is committed with the next version and never reverted)."""
+        return ("data/model.dvc", "data/.gitignore", f"{self.datasets}/.gitignore", "dvc.lock", METRICS)
 
     @property
     def metrics_dir(self) -> Path:
@@ -179,7 +186,7 @@ def add_and_push(ws: Workspace, record: ConceptRecord | None) -> None:
         repo.add(["data/model"])
         fault_point("dvc-add-half")
         if record is not None:
-            repo.add([f"data/concepts/{record.name}"])
+            repo.add([f"{ws.datasets}/{record.name}"])
         if (ws.metrics_dir / "eval.json").exists():
             repo.commit("evaluate", force=True)
         if (ws.root / "data" / "cache").exists():
@@ -201,7 +208,7 @@ def commit_and_tag(ws: Workspace, record: ConceptRecord, action: str = "learn",
         end_version(ws)
         tag_artifact_versions(ws)
         return {"commit": git(ws, "rev-list", "-n", "1", tag), "tag": tag, "dvc_hash": dvc_hash(ws) or ""}
-    paths = [p for p in (*TRACKED, f"data/concepts/{record.name}.dvc") if (ws.root / p).exists()]
+    paths = [p for p in ("params.yaml", *ws.versioned(), f"{ws.datasets}/{record.name}.dvc") if (ws.root / p).exists()]
     git(ws, "add", "--", *paths)
     git(ws, "commit", "-q", "-m", f"model v{version}: {action} {record.name}", "--", *paths)
     git(ws, "tag", tag)
@@ -279,14 +286,14 @@ def complete_untagged_version(ws: Workspace) -> int | None:
     The commit comes only after ``dvc add`` and ``dvc push`` succeeded (:func:`version_model`'s
     order), and git makes a commit whole or not at all, so the commit ``model vN: learn <name>``
     or ``model vN: forget <name>`` (a removal) right after tag ``model-v(N-1)``, holding
-    ``data/model.dvc`` (and, for a learn, ``data/concepts/<name>.dvc``), is a whole version."""
+    ``data/model.dvc`` (and, for a learn, ``data/datasets/<name>.dvc``), is a whole version."""
     committed = last_version(ws)
     match = re.fullmatch(r"model v(\d+): (learn|forget) (\S+)", git(ws, "log", "-1", "--format=%s"))
     if not match or int(match.group(1)) != committed + 1:
         return None
     if committed and git(ws, "rev-parse", "HEAD~1") != git(ws, "rev-list", "-n", "1", f"{TAG_PREFIX}{committed}"):
         return None
-    required = ["data/model.dvc"] + ([f"data/concepts/{match.group(3)}.dvc"] if match.group(2) == "learn" else [])
+    required = ["data/model.dvc"] + ([f"{ws.datasets}/{match.group(3)}.dvc"] if match.group(2) == "learn" else [])
     if len(git(ws, "ls-tree", "--name-only", "HEAD", "--", *required).split()) != len(required):
         return None
     version = int(match.group(1))
@@ -312,11 +319,11 @@ def rollback_uncommitted(ws: Workspace) -> int | None:
     lineage = read_lineage(ws.model_dir)
     current = lineage.version if lineage else 0
     refuse_foreign_versions(ws, current, committed)
-    paths = (*VERSIONED, "data/concepts")
+    paths = (*ws.versioned(), ws.datasets)
     in_ref = git(ws, "ls-tree", "-r", "--name-only", ref, "--", *paths).split("\n")
     tracked = [p for p in paths if any(f == p or f.startswith(p + "/") for f in in_ref)]
-    dirty = git(ws, "status", "--porcelain", "--", "data/model.dvc", "data/concepts", "dvc.lock", METRICS) or \
-        git(ws, "diff", "--name-only", ref, "--", "data/model.dvc", "data/concepts", "dvc.lock", METRICS)
+    watched = ("data/model.dvc", ws.datasets, "dvc.lock", METRICS)
+    dirty = git(ws, "status", "--porcelain", "--", *watched) or git(ws, "diff", "--name-only", ref, "--", *watched)
     if current == committed and not dirty:
         end_version(ws)
         return None
@@ -334,11 +341,11 @@ def rollback_uncommitted(ws: Workspace) -> int | None:
     # Untracked files of the unfinished version: its dataset folders, metrics, and a first version's
     # data/model.dvc written by `dvc add` (which the checkout below would otherwise restore the
     # thrown-away model from). Tracked ones came back from the tag above.
-    git(ws, "clean", "-fdq", "--", "data/concepts", METRICS, "data/model.dvc", "dvc.lock", check=False)
-    tracked_dvc = set(git(ws, "ls-files", "--", "data/concepts").split())
-    if ws.concepts_dir.exists():
-        for folder in ws.concepts_dir.iterdir():
-            if folder.is_dir() and f"data/concepts/{folder.name}.dvc" not in tracked_dvc:
+    git(ws, "clean", "-fdq", "--", ws.datasets, METRICS, "data/model.dvc", "dvc.lock", check=False)
+    tracked_dvc = set(git(ws, "ls-files", "--", ws.datasets).split())
+    if ws.datasets_dir.exists():
+        for folder in ws.datasets_dir.iterdir():
+            if folder.is_dir() and f"{ws.datasets}/{folder.name}.dvc" not in tracked_dvc:
                 shutil.rmtree(folder)
     if (ws.root / "data/model.dvc").exists():
         with dvc_repo(ws) as repo:

@@ -200,3 +200,13 @@ def test_each_step_records_its_own_seconds_and_no_memory_in_the_timings(two_conc
         assert set(timings) == {"prepare", "score", "select", "train", "reference"}  # the tasks' too
         assert all(isinstance(v, float) and v >= 0 for v in timings.values())
         assert "peak_rss_mb" not in record.stats  # `cns learn` measures no memory
+
+
+def test_a_workspace_keeps_datasets_in_data_datasets_and_an_old_one_in_data_concepts(tmp_path):
+    from cns.lineage import datasets_dir
+
+    assert datasets_dir(tmp_path) == tmp_path / "datasets"  # a new workspace: the name is free of "concepts"
+    (tmp_path / "concepts").mkdir()
+    assert datasets_dir(tmp_path) == tmp_path / "concepts"  # made before the rename: every tag holds it there
+    (tmp_path / "datasets").mkdir()
+    assert datasets_dir(tmp_path) == tmp_path / "datasets"

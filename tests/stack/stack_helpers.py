@@ -154,7 +154,7 @@ def assert_learned_exactly_once(ws, model_name: str, dropped: list[str], in_orde
         assert tagged["version"] == k and [c["name"] for c in tagged["concepts"]] == names[:k], tag
         newest = tagged["concepts"][-1]
         assert _remote_has(listing[newest["mask"]]) and _remote_has(listing[newest["delta"]]), tag
-        assert _remote_has(_tag_file_md5(ws, tag, f"data/concepts/{name}.dvc")), tag
+        assert _remote_has(_tag_file_md5(ws, tag, f"{ws.datasets}/{name}.dvc")), tag
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(model_name)

@@ -123,7 +123,7 @@ def test_a_fresh_clone_restores_model_v1_bitwise(pipeline, tmp_path):
         if path.is_file():
             assert path.read_bytes() == (ws.model_dir / path.relative_to(clone / "data/model")).read_bytes()
     assert sorted(p.name for p in (clone / "data/model/concepts").iterdir()) == [first]
-    assert (clone / "data" / "concepts" / first / "concept.yaml").is_file()
+    assert (clone / "data" / "datasets" / first / "concept.yaml").is_file()
 
 
 def test_the_same_bytes_dropped_again_give_no_new_version(pipeline):

@@ -64,7 +64,7 @@ def _poison_then_good(ws, name, src, poison: str, manifest: dict, good: str):
     outcomes = watch(str(ws.root))
     assert [(o["concept"], o["outcome"]) for o in outcomes] == [(poison, "rejected"), (good, "learned")]
     assert last_version(ws) == before + 1 == read_lineage(ws.model_dir).version
-    assert not (ws.concepts_dir / poison).exists()
+    assert not (ws.datasets_dir / poison).exists()
     assert git(ws, "status", "--porcelain", "--", "data", "dvc.lock", "metrics") == ""
     assert watch(str(ws.root)) == []  # rejected for good: not fetched, trained or retried again
     return _error(name, poison)

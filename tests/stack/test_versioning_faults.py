@@ -90,3 +90,27 @@ def test_killed_inside_git_commit_the_stale_index_lock_does_not_wedge_the_next_p
     assert not list((ws.root / ".git").glob("*.lock"))
     assert git(ws, "status", "--porcelain", "--", "data", "dvc.lock", "metrics") == ""
     assert_learned_exactly_once(ws, name, ["v-first", "v-second"])
+
+
+def test_a_workspace_made_before_the_datasets_rename_keeps_data_concepts_through_kills(running_stack,
+                                                                                        tmp_path_factory):
+    """Workspaces made before ``data/datasets`` hold their datasets in ``data/concepts`` at every
+    tag: they go on using it, through recovery too (completing a tag, undoing a staged version)."""
+    from flows.pipeline import watch
+
+    with own_workspace(tmp_path_factory, "legacy", **FAST) as (ws, name, root):
+        (ws.root / "data" / "concepts").mkdir(parents=True)  # as a version learned by the old code leaves it
+        assert ws.datasets == "data/concepts"
+        src = root / "src"
+        bucket.drop(s3.client(), name, make_concept(src, "l-first"))
+        run_once_killed_by(ws, "post-commit")
+        assert watch(str(ws.root)) == [] and last_version(ws) == 1
+        bucket.drop(s3.client(), name, make_concept(src, "l-second"))
+        run_once_killed_by(ws, "pre-commit")
+        outcomes = watch(str(ws.root))
+        assert [(o["concept"], o["outcome"], o["version"]) for o in outcomes] == [("l-second", "learned", 2)]
+        assert git(ws, "ls-files", "--", "data/concepts").split() == [
+            "data/concepts/.gitignore", "data/concepts/l-first.dvc", "data/concepts/l-second.dvc"]
+        assert not (ws.root / "data" / "datasets").exists()
+        assert git(ws, "status", "--porcelain", "--", "data", "dvc.lock", "metrics") == ""
+        assert_learned_exactly_once(ws, name, ["l-first", "l-second"])
