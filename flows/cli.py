@@ -205,6 +205,24 @@ def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("concept")
     p.set_defaults(func=pipeline.cmd_forget_version)
 
+    parser = sub.add_parser("lineage", help="lineages that live in S3 alone, learned by the workers of a work pool")
+    lineage_sub = parser.add_subparsers(dest="lineage_command", required=True, metavar="ACTION")
+    p = lineage_sub.add_parser("create", help="a new lineage in a bucket: its workspace published as "
+                               "git/model-v0.bundle")
+    p.add_argument("bucket")
+    p.add_argument("--model-name", required=True, help="its MLflow experiment, registered model and Prefect lock")
+    p.add_argument("--params", help="its params.yaml (default: the project's)")
+    p.set_defaults(func=pipeline.cmd_lineage_create)
+    p = lineage_sub.add_parser("pass", parents=[results], help="one watch pass of the lineage in this process")
+    p.add_argument("bucket")
+    p.set_defaults(func=pipeline.cmd_lineage_pass)
+    p = lineage_sub.add_parser("deploy", help="deploy the lineage flow to a process work pool")
+    p.add_argument("--pool", default="cns-lineages")
+    p.set_defaults(func=pipeline.cmd_lineage_deploy)
+    p = lineage_sub.add_parser("run", help="queue a lineage pass per bucket for the pool's workers")
+    p.add_argument("buckets", nargs="+")
+    p.set_defaults(func=pipeline.cmd_lineage_run)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cns", description="Continual personalization with Concept Neuron Selection")

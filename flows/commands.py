@@ -115,3 +115,41 @@ def cmd_forget_version(args) -> int:
     if tracking.ui_url():
         print(f"runs:     {tracking.runs_url(experiment)}")
     return 0
+
+
+def cmd_lineage_create(args) -> int:
+    from pathlib import Path
+
+    from tasks.lineages import create
+
+    create(args.bucket, args.model_name, Path(args.params) if args.params else None)
+    print(f"lineage {args.model_name} ready in s3://{args.bucket} (git/model-v0.bundle); drop datasets into "
+          f"s3://{args.bucket}/incoming/ (CNS_BUCKET={args.bucket} cns drop DIR), then "
+          f"`cns lineage run {args.bucket}` or `cns lineage pass {args.bucket}`")
+    return 0
+
+
+def cmd_lineage_pass(args) -> int:
+    from flows.pipeline import lineage
+    from tasks.lineages import checkout
+
+    outcomes = lineage(args.bucket)
+    _report(checkout(args.bucket).config(), outcomes, args.json)
+    return 0
+
+
+def cmd_lineage_deploy(args) -> int:
+    from flows.serve import deploy_lineage
+
+    name = deploy_lineage(args.pool)
+    print(f"deployment {name} on work pool {args.pool}; start workers with "
+          f"`prefect worker start --pool {args.pool}` (the stack's environment set), then `cns lineage run BUCKET`")
+    return 0
+
+
+def cmd_lineage_run(args) -> int:
+    from flows.serve import run_lineages
+
+    for bucket, run_id in zip(args.buckets, run_lineages(args.buckets)):
+        print(f"queued    lineage-{bucket}: flow run {run_id}")
+    return 0

@@ -7,6 +7,9 @@ cumulative model, and every night every concept so far is checked again.
                  -> reference -> commit (cns.learn's steps, one task each) -> evaluate -> log to
                  MLflow -> dvc push + git tag -> register
     nightly      watch, then evaluate every concept and log the forgetting report
+    lineage      watch, on any worker of a work pool, for a lineage that lives in S3 alone
+                 (tasks.lineages: its clone synced to the newest published version, each version
+                 published with a compare-and-swap)
     forget       recover -> remove one concept (cns.forget, no training) -> evaluate -> log to
                  MLflow (cns.kind=forget) -> dvc push + git commit "model vN: forget <concept>"
                  + tag -> register
@@ -16,6 +19,8 @@ flow parameters: a model version and its recorded parameters cannot disagree.
 """
 
 from __future__ import annotations
+
+import os
 
 from prefect import flow, get_run_logger
 
@@ -109,6 +114,16 @@ def watch(workspace: str | None = None) -> list[dict]:
                 outcomes.append({"concept": concept, "outcome": "absent", "code": "concept_unknown"})
             t.close_removal_request(key)
     return outcomes
+
+
+@flow(name="lineage", flow_run_name="lineage-{bucket}")
+def lineage(bucket: str) -> list[dict]:
+    """One watch pass of the lineage in ``s3://<bucket>`` (``cns lineage create``), on whichever
+    machine runs it: this machine's clone of it, brought to its newest version inside the lock."""
+    from tasks import lineages
+
+    os.environ["CNS_BUCKET"] = bucket  # this flow run's process is this lineage's (a worker starts one a run)
+    return watch(str(lineages.checkout(bucket).root))
 
 
 @flow(name="nightly")

@@ -14,7 +14,7 @@ import os
 from datetime import timedelta
 
 from cns.config import Config
-from flows.pipeline import forget, nightly, personalize, watch
+from flows.pipeline import forget, lineage, nightly, personalize, watch
 from tasks.learning import ensure_limits
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,38 @@ def deployments(config: Config, workspace: str) -> list:
         forget.to_deployment(name="forget", parameters=params,
                              description="Remove one learned concept (parameter concept): a new version"),
     ]
+
+
+LINEAGE_POOL = "cns-lineages"
+LINEAGE_DEPLOYMENT = "lineage/lineage"
+
+
+def deploy_lineage(pool: str = LINEAGE_POOL) -> str:
+    """The ``lineage`` flow as a deployment of the process work pool ``pool`` (made when missing),
+    by module path, so any machine with cns-pipeline installed runs it: ``prefect worker start
+    --pool POOL``. Returns the deployment's name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments.runner import EntrypointType
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+        except ObjectAlreadyExists:
+            pass
+    lineage.to_deployment(name="lineage", work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH,
+                          description="One watch pass of a lineage that lives in S3 (parameter bucket)").apply()
+    return LINEAGE_DEPLOYMENT
+
+
+def run_lineages(buckets: list[str]) -> list[str]:
+    """A ``lineage`` flow run per bucket, queued for the pool's workers; their ids."""
+    from prefect.deployments import run_deployment
+
+    return [str(run_deployment(LINEAGE_DEPLOYMENT, parameters={"bucket": b}, timeout=0).id) for b in buckets]
 
 
 def event_pass(workspace: str):

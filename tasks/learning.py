@@ -32,7 +32,7 @@ from cns.evaluate import load_judges
 from cns import learn as steps
 from cns.lineage import DELTA, MASK, ConceptRecord, concept_file, read_lineage
 from cns.report import ModelEvaluation, evaluate_model, write_metrics
-from tasks import bucket, s3, tracking, versioning
+from tasks import bucket, lineages, s3, tracking, versioning
 from tasks.faults import fault_point
 from tasks.versioning import Workspace
 
@@ -205,8 +205,11 @@ def drop_model(ws: Workspace) -> None:
 def recover(ws: Workspace, config: Config) -> dict:
     """Finish or undo what a crashed run left: clear git locks of a killed git command, tag a
     version committed but not tagged, roll back an uncommitted model version, complete the MLflow
-    run and registry version of a committed one, mark the others rolled back."""
+    run and registry version of a committed one, mark the others rolled back. A clone of a lineage
+    that lives in S3 is first brought to the lineage's newest published version (tasks.lineages)."""
     versioning.clear_stale_git_locks(ws)
+    if lineages.sync(ws):
+        drop_model(ws)
     tagged = versioning.complete_untagged_version(ws)
     thrown = versioning.rollback_uncommitted(ws)
     if thrown is not None:
@@ -527,7 +530,9 @@ def log_nightly(ws: Workspace, config: Config, evaluation: ModelEvaluation) -> d
 def version_model(ws: Workspace, record: ConceptRecord) -> dict[str, str]:
     """dvc add + push (retried: storage), then git commit + tag ``model-vN`` (idempotent)."""
     versioning.add_and_push(ws, record)
-    return versioning.commit_and_tag(ws, record)
+    versioned = versioning.commit_and_tag(ws, record)
+    lineages.publish(ws, record.version)  # a lineage clone: the version is the lineage's from here
+    return versioned
 
 
 @task(name="register-version", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
@@ -587,8 +592,10 @@ def version_removal(ws: Workspace, removal: dict) -> dict[str, str]:
     """dvc add + push of the model (the removed concept's dataset stays as it is), then git commit
     "model vN: forget <concept>" + tag ``model-vN`` (idempotent)."""
     versioning.add_and_push(ws, None)
-    return versioning.commit_and_tag(ws, ConceptRecord(**removal["record"]), action="forget",
-                                     version=removal["version"])
+    versioned = versioning.commit_and_tag(ws, ConceptRecord(**removal["record"]), action="forget",
+                                          version=removal["version"])
+    lineages.publish(ws, removal["version"])
+    return versioned
 
 
 @task(name="register-removal", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)

@@ -40,6 +40,8 @@ METRICS = "metrics"
 # Written (in .git, never committed) before a pass changes data/model, removed once the version is
 # tagged or rolled back: only a version a pass was writing is ever rolled back.
 IN_PROGRESS = "cns-version-in-progress"
+# In .git of a clone of a lineage that lives in S3 (tasks.lineages): its bucket.
+LINEAGE_MARKER = "cns-lineage"
 
 
 class WorkspaceError(CNSError):
@@ -113,17 +115,23 @@ def open_workspace(path: str | Path | None = None) -> Workspace:
             raise WorkspaceError(root / required, "missing: not a cns workspace (create one with `cns init DIR`)",
                                  "workspace_missing")
     ws = Workspace(root)
-    configure_remote_endpoint(ws)
+    marker = root / ".git" / LINEAGE_MARKER
+    bucket = marker.read_text().strip() if marker.exists() else None
+    if bucket and os.environ.get("CNS_BUCKET", bucket) != bucket:
+        raise WorkspaceError(root, f"is a clone of the lineage in s3://{bucket}, but CNS_BUCKET is "
+                             f"{os.environ['CNS_BUCKET']}: its datasets would be learned into the wrong lineage",
+                             "lineage_mismatch")
+    configure_remote_endpoint(ws, bucket)
     return ws
 
 
-def configure_remote_endpoint(ws: Workspace) -> None:
+def configure_remote_endpoint(ws: Workspace, bucket: str | None = None) -> None:
     """Point the DVC remote at the bucket and S3 endpoint of the environment (``CNS_BUCKET``,
     ``AWS_ENDPOINT_URL_S3``), in ``.dvc/config.local``, which stays out of git; with no endpoint
     set, DVC talks to AWS S3 itself. Credentials are read from the environment by DVC's S3 client."""
     path = ws.root / ".dvc" / "config.local"
     endpoint = endpoint_url()
-    text = f"['remote \"{REMOTE}\"']\n    url = s3://{bucket_name()}/dvc\n"
+    text = f"['remote \"{REMOTE}\"']\n    url = s3://{bucket or bucket_name()}/dvc\n"
     if endpoint:
         text += f"    endpointurl = {endpoint}\n"
     if (path.read_text() if path.exists() else "") != text:
@@ -156,7 +164,7 @@ def init_workspace(directory: str | Path, bucket: str | None = None) -> Workspac
             conf["remote"][REMOTE] = {"url": f"s3://{bucket or bucket_name()}/dvc"}
             conf["core"]["remote"] = REMOTE
             conf["core"]["analytics"] = False
-    configure_remote_endpoint(ws)
+    configure_remote_endpoint(ws, bucket)
     git(ws, "add", "-A")
     git(ws, "commit", "-q", "-m", "workspace: init")
     return ws
@@ -304,6 +312,15 @@ def complete_untagged_version(ws: Workspace) -> int | None:
     return version
 
 
+def remove_untracked_datasets(ws: Workspace) -> None:
+    """Remove the dataset folders no committed ``.dvc`` file tracks (an unfinished version's)."""
+    tracked = set(git(ws, "ls-files", "--", ws.datasets).split())
+    if ws.datasets_dir.exists():
+        for folder in ws.datasets_dir.iterdir():
+            if folder.is_dir() and f"{ws.datasets}/{folder.name}.dvc" not in tracked:
+                shutil.rmtree(folder)
+
+
 def rollback_uncommitted(ws: Workspace) -> int | None:
     """Restore the model, datasets and metrics to the last tagged version.
 
@@ -342,11 +359,7 @@ def rollback_uncommitted(ws: Workspace) -> int | None:
     # data/model.dvc written by `dvc add` (which the checkout below would otherwise restore the
     # thrown-away model from). Tracked ones came back from the tag above.
     git(ws, "clean", "-fdq", "--", ws.datasets, METRICS, "data/model.dvc", "dvc.lock", check=False)
-    tracked_dvc = set(git(ws, "ls-files", "--", ws.datasets).split())
-    if ws.datasets_dir.exists():
-        for folder in ws.datasets_dir.iterdir():
-            if folder.is_dir() and f"{ws.datasets}/{folder.name}.dvc" not in tracked_dvc:
-                shutil.rmtree(folder)
+    remove_untracked_datasets(ws)
     if (ws.root / "data/model.dvc").exists():
         with dvc_repo(ws) as repo:
             repo.checkout(targets=["data/model.dvc"], force=True)

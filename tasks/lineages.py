@@ -1,0 +1,225 @@
+"""Lineages that live in S3 alone, so that any worker of a Prefect work pool can write them.
+
+A lineage is one bucket: the bucket contract (``incoming/``, ``forget/``, ``rejected/``), the DVC
+remote (``dvc/``), and ``git/model-v<N>.bundle``, the workspace's whole git history at version N
+(a git bundle: params, ``.dvc`` files and metrics, a few KB a version). Workers share nothing but
+S3, MLflow and Prefect:
+
+- **Start.** A worker clones the lineage from its newest bundle into a folder of its own machine
+  (``$CNS_LINEAGES_DIR/<bucket>``, default ``~/.cache/cns-pipeline/lineages``), then, inside the
+  lineage lock, brings the clone to the newest bundle and ``dvc pull``s it (:func:`sync`). What
+  the clone holds beyond that (a pass that was killed, or one that lost the race below) is thrown
+  away there: only a published version is a version.
+- **Publish.** Each version's bundle is written with S3's conditional put (``If-None-Match: *``):
+  a compare-and-swap on the tag. If two workers both make ``model-vN`` (the Prefect lock's lease
+  ran out under one of them), one bundle is written and the other worker gets a
+  :class:`LineageConflict`; its version never existed, its MLflow run is marked rolled back by
+  the next pass, and its dataset is learned again on top of the winner's version if it still is
+  pending.
+
+Each lineage has its own ``pipeline.model_name`` (its MLflow experiment, registry name and
+Prefect lock), set by :func:`create`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from cns.errors import CNSError
+from tasks import s3
+from tasks.versioning import (LINEAGE_MARKER, TAG_PREFIX, Workspace, WorkspaceError, end_version, git,
+                              open_workspace, remove_untracked_datasets)
+
+GIT_PREFIX = "git/"
+COMMIT_META = "commit"  # the bundle's x-amz-meta-commit: the version's commit
+
+
+class LineageConflict(CNSError):
+    code = "version_conflict"
+
+
+def lineages_dir() -> Path:
+    return Path(os.environ.get("CNS_LINEAGES_DIR") or Path.home() / ".cache" / "cns-pipeline" / "lineages")
+
+
+def bundle_key(version: int) -> str:
+    return f"{GIT_PREFIX}{TAG_PREFIX}{version}.bundle"
+
+
+def lineage_of(ws: Workspace) -> str | None:
+    """The bucket of a lineage clone; None for a workspace of its own (``cns init``)."""
+    path = ws.root / ".git" / LINEAGE_MARKER
+    return path.read_text().strip() if path.exists() else None
+
+
+def published(client, bucket: str) -> tuple[int, str] | None:
+    """(N, commit) of the newest bundle in ``s3://<bucket>/git/``; None when there is none."""
+    numbers = [int(m.group(1)) for key, *_ in s3.list_objects(client, bucket, GIT_PREFIX)
+               if (m := re.fullmatch(rf"{GIT_PREFIX}{TAG_PREFIX}(\d+)\.bundle", key))]
+    if not numbers:
+        return None
+    version = max(numbers)
+    head = client.head_object(Bucket=bucket, Key=bundle_key(version))
+    return version, head["Metadata"].get(COMMIT_META, "")
+
+
+def _error_code(exc) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _put_bundle(ws: Workspace, client, bucket: str, version: int, commit: str) -> None:
+    """Write ``git/model-v<version>.bundle`` unless it exists (the compare-and-swap)."""
+    from botocore.exceptions import ClientError
+
+    key = bundle_key(version)
+    with tempfile.TemporaryDirectory(prefix="cns-bundle-") as tmp:
+        path = Path(tmp) / "lineage.bundle"
+        git(ws, "bundle", "create", "-q", str(path), "--all")
+        try:
+            with path.open("rb") as body:
+                client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*", Metadata={COMMIT_META: commit})
+            return
+        except ClientError as exc:
+            if _error_code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                raise s3.describe_error(exc, f"s3://{bucket}/{key}") from exc
+    other = client.head_object(Bucket=bucket, Key=key)["Metadata"].get(COMMIT_META, "")
+    if other != commit:
+        raise LineageConflict(f"s3://{bucket}/{key}", f"{TAG_PREFIX}{version} was published by another worker "
+                              f"(commit {other[:12]}); this pass's {TAG_PREFIX}{version} (commit {commit[:12]}) is "
+                              "not the lineage's and is thrown away by the next pass")
+
+
+def publish(ws: Workspace, version: int) -> None:
+    """Make tag ``model-v<version>`` of a lineage clone the lineage's (nothing for a workspace of
+    its own). Idempotent: a retry of the same commit finds its own bundle."""
+    bucket = lineage_of(ws)
+    if bucket is None:
+        return
+    commit = git(ws, "rev-list", "-n", "1", f"{TAG_PREFIX}{version}")
+    _put_bundle(ws, s3.client(), bucket, version, commit)
+
+
+def create(bucket: str, model_name: str, params: Path | None = None) -> int:
+    """A new lineage in ``s3://<bucket>`` (made if missing): a workspace with ``params`` (default:
+    the project's params.yaml) and ``pipeline.model_name`` set, published as ``git/model-v0.bundle``.
+    Returns 0; a bucket that already holds a lineage is refused."""
+    from tasks.versioning import PROJECT_ROOT, init_workspace
+
+    client = s3.client()
+    with contextlib.suppress(*s3.client_errors()):
+        client.head_bucket(Bucket=bucket)
+        if published(client, bucket) is not None:
+            raise WorkspaceError(f"s3://{bucket}/{GIT_PREFIX}", "already holds a lineage", "lineage_exists")
+    with contextlib.suppress(Exception):
+        client.create_bucket(Bucket=bucket)
+    text = (params or PROJECT_ROOT / "params.yaml").read_text()
+    text, found = re.subn(r"(?m)^(\s+model_name:\s*)\S+", lambda m: m.group(1) + model_name, text, count=1)
+    if not found:
+        text += f"pipeline:\n  model_name: {model_name}\n"
+    with tempfile.TemporaryDirectory(prefix="cns-lineage-") as tmp:
+        ws = init_workspace(Path(tmp) / "workspace", bucket=bucket)
+        (ws.root / "params.yaml").write_text(text)
+        ws.config()  # refuse bad params before anything is published
+        git(ws, "commit", "-q", "-m", f"workspace: lineage {model_name} in s3://{bucket}", "--", "params.yaml")
+        _put_bundle(ws, client, bucket, 0, git(ws, "rev-parse", "HEAD"))
+    return 0
+
+
+def _download(client, bucket: str, version: int, folder: Path) -> Path:
+    path = folder / f"{TAG_PREFIX}{version}.bundle"
+    client.download_file(bucket, bundle_key(version), str(path))
+    return path
+
+
+def checkout(bucket: str) -> Workspace:
+    """This machine's clone of the lineage (made from the newest bundle when missing; brought up
+    to date by :func:`sync` inside the lineage lock, not here)."""
+    root = lineages_dir() / bucket
+    if not (root / ".git").exists():
+        client = s3.client()
+        head = published(client, bucket)
+        if head is None:
+            raise WorkspaceError(f"s3://{bucket}/{GIT_PREFIX}", "holds no lineage (create one with "
+                                 "`cns lineage create BUCKET --model-name NAME`)", "lineage_missing")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{bucket}-", dir=root.parent) as tmp:
+            bundle = _download(client, bucket, head[0], Path(tmp))
+            clone = Path(tmp) / "clone"
+            subprocess.run(["git", "clone", "-q", str(bundle), str(clone)], check=True, capture_output=True)
+            ws = Workspace(clone)
+            git(ws, "reset", "-q", "--hard", head[1])
+            git(ws, "config", "user.email", "cns-pipeline@localhost")
+            git(ws, "config", "user.name", "cns-pipeline")
+            git(ws, "remote", "remove", "origin")
+            (clone / ".git" / LINEAGE_MARKER).write_text(bucket + "\n")
+            with contextlib.suppress(OSError):  # another pass on this machine made it first: use that one
+                clone.rename(root)
+    return open_workspace(root)
+
+
+def sync(ws: Workspace) -> bool:
+    """Bring a lineage clone to the lineage's newest published version: its git history and tags,
+    then ``data/model`` and the datasets from the DVC remote. Anything the clone holds beyond that is
+    thrown away. Call with the lineage lock held. Returns whether the clone changed."""
+    from tasks.versioning import dvc_repo, version_in_progress
+
+    bucket = lineage_of(ws)
+    if bucket is None:
+        return False
+    from cns.lineage import read_lineage
+
+    client = s3.client()
+    head = published(client, bucket)
+    if head is None:
+        raise WorkspaceError(f"s3://{bucket}/{GIT_PREFIX}", "holds no lineage any more", "lineage_missing")
+    version, commit = head
+    lineage = read_lineage(ws.model_dir)
+    local_tags = set(git(ws, "tag", "--list").split())
+    current = (git(ws, "rev-parse", "HEAD") == commit and version_in_progress(ws) is None
+               and (lineage.version if lineage else 0) == version
+               and not any(_tag_version(t) > version for t in local_tags)
+               and not git(ws, "status", "--porcelain", "--untracked-files=all", "--", "data", "metrics", "dvc.lock"))
+    if current:
+        return False
+    with tempfile.TemporaryDirectory(prefix="cns-bundle-") as tmp:
+        bundle = _download(client, bucket, version, Path(tmp))
+        git(ws, "fetch", "-q", "--force", str(bundle), "+refs/tags/*:refs/tags/*")
+        theirs = {line.split()[1].removeprefix("refs/tags/") for line in
+                  git(ws, "bundle", "list-heads", str(bundle)).splitlines() if " refs/tags/" in line}
+        for tag in local_tags - theirs:
+            git(ws, "tag", "-d", tag)
+        git(ws, "reset", "-q", "--hard", commit)
+    git(ws, "clean", "-fdq", "--", "data", "metrics", "dvc.lock", check=False)
+    if ws.model_dir.exists():
+        shutil.rmtree(ws.model_dir)
+    remove_untracked_datasets(ws)
+    end_version(ws)
+    for targets in pull_targets(ws):  # one dvc pull each: a mix of both left data/model out (DVC 3)
+        with dvc_repo(ws) as repo:
+            repo.pull(targets=targets, force=True)
+    return True
+
+
+def pull_targets(ws: Workspace) -> list[list[str]]:
+    """What ``dvc pull`` brings into a clone: the model and the datasets (their ``.dvc`` files), then
+    the stage outputs in ``data/`` that ``dvc.lock`` has a hash for (the general-neuron cache)."""
+    import yaml
+
+    tracked = [p for p in ["data/model.dvc", *git(ws, "ls-files", "--", f"{ws.datasets}/*.dvc").split()]
+               if (ws.root / p).exists()]
+    lock = ws.root / "dvc.lock"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
+    outputs = [out["path"] for stage in stages.values() for out in stage.get("outs", [])
+               if out.get("md5") and str(out.get("path", "")).startswith("data/")]
+    return [group for group in (tracked, outputs) if group]
+
+
+def _tag_version(tag: str) -> int:
+    match = re.fullmatch(rf"{TAG_PREFIX}(\d+)|model@v(\d+)\.0\.0", tag)
+    return int(match.group(1) or match.group(2)) if match else -1
