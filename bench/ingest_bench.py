@@ -36,7 +36,7 @@ import yaml
 from PIL import Image
 
 from pipeline_bench import task_start  # bench/ is on the path: this file runs as a script
-from sections import publish
+from sections import local_stack, publish
 
 CNS = str(Path(sys.executable).parent / "cns")
 FLOW_FINISHED = re.compile(r"(prefect\.flow_runs: |Flow run '[^']*' - )Finished in state")
@@ -140,23 +140,11 @@ def main() -> int:
     parser.add_argument("--write-docs", help="replace the ingest section of this markdown file")
     args = parser.parse_args()
 
-    os.environ.update(HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CNS_STACK_DIR", "CNS_WORKSPACE", "CNS_EVENTS_URL",
-                "CNS_EVENTS_TOKEN"):
-        os.environ.pop(var, None)
-    from tasks import stack
     from tasks.versioning import init_workspace
 
     load = os.getloadavg()[0]  # what else the machine is doing changes these numbers
     tmp = Path(tempfile.mkdtemp(prefix="cns-ingest-bench-"))
-    base = random.randrange(20000, 22000, 7)
-    config = stack.StackConfig.resolve(root=tmp / "stack", ports={"s3": base, "mlflow": base + 3100,
-                                                                   "prefect": base + 3200, "events": base + 3300},
-                                       bucket="ingest")
-    print(f"stack in {tmp}", flush=True)
-    _, creds = stack.up(config, timeout=180)
-    os.environ.update(stack.client_env(config, creds, with_secret=True))
-    try:
+    with local_stack(tmp, "ingest"):
         ws = init_workspace(tmp / "workspace")
         data = yaml.safe_load((ws.root / "params.yaml").read_text())
         for section, values in FEWEST_STEPS.items():
@@ -168,8 +156,6 @@ def main() -> int:
         off_env = {k: v for k, v in os.environ.items() if k not in ("CNS_EVENTS_URL", "CNS_EVENTS_TOKEN")}
         off = phase("off", ws, tmp, args.drops_off, {**off_env, "CNS_WATCH_INTERVAL": str(args.interval),
                                                      "CNS_SETTLE_SECONDS": settle}, settle_wait=args.interval + 15)
-    finally:
-        stack.down(config)
 
     median_on, median_off = statistics.median(on), statistics.median(off)
     lines = [

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 from pathlib import Path
 
 
@@ -34,3 +37,26 @@ def publish(lines: list[str], path: str | Path | None) -> str:
     if path:
         write_section(path, text)
     return text
+
+
+@contextlib.contextmanager
+def local_stack(tmp: Path, bucket: str):
+    """A fresh local stack in ``tmp/stack`` (ports of its own, bucket ``bucket``), its client
+    environment exported while the block runs (no user credentials or workspace leak in)."""
+    os.environ.update(HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CNS_STACK_DIR", "CNS_WORKSPACE", "CNS_EVENTS_URL",
+                "CNS_EVENTS_TOKEN"):
+        os.environ.pop(var, None)
+    from tasks import stack
+
+    base = random.randrange(20000, 22000, 7)
+    config = stack.StackConfig.resolve(root=tmp / "stack", ports={"s3": base, "mlflow": base + 3100,
+                                                                   "prefect": base + 3200, "events": base + 3300},
+                                       bucket=bucket)
+    print(f"stack in {tmp}", flush=True)
+    _, creds = stack.up(config, timeout=180)
+    os.environ.update(stack.client_env(config, creds, with_secret=True))
+    try:
+        yield config
+    finally:
+        stack.down(config)
