@@ -87,7 +87,9 @@ def device_slot(device: str, slots: int, timeout_seconds: float, what: str | Non
     past ``timeout_seconds`` is a LockTimeout naming the files."""
     directory = slots_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    name = "".join(ch if ch.isalnum() else "-" for ch in device)
+    # cuda:0 is a different card in each process that sets CUDA_VISIBLE_DEVICES (one worker per GPU)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if device.startswith("cuda") else ""
+    name = "".join(ch if ch.isalnum() else "-" for ch in device + (f"-of-{visible}" if visible else ""))
     handles = [open(directory / f"device-{name}-{i}.lock", "a+") for i in range(max(1, slots))]
     deadline = time.monotonic() + timeout_seconds
     try:

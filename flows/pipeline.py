@@ -78,7 +78,7 @@ def _learn(ws: Workspace, config, dataset) -> dict:
         raise
     try:
         t.log_run(ws, config, run_id, record, prepared, result, evaluation)
-        versioned = t.version_model(ws, record)
+        versioned = t.version_model(ws, record, run_id)
     except BaseException:
         # The in-memory model holds the new concept; the next pass rolls the disk back.
         t.drop_model(ws)
@@ -179,7 +179,7 @@ def _forget(ws: Workspace, config, concept: str) -> dict:
         model = t.load_model(ws, config)
         evaluation = t.evaluate(ws, model, config)
         t.log_forget_run(ws, config, run_id, removal, evaluation)
-        versioned = t.version_removal(ws, removal)
+        versioned = t.version_removal(ws, removal, run_id)
     except BaseException:
         t.drop_model(ws)
         raise

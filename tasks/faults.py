@@ -7,8 +7,8 @@ reaches them: ``fetch`` (dataset downloaded and validated into a temporary folde
 (neurons scored and selected), ``commit`` (new lineage and concept files in ``data/model``),
 ``mlflow-log`` (metrics logged, artifacts not), ``dvc-add-half`` (the model ``dvc add``-ed, the
 dataset not), ``dvc-add`` (``dvc add`` done, nothing pushed), ``dvc-push-half`` (the model's objects
-pushed, the dataset's not), ``dvc-push`` (pushed, not committed), ``registry`` (tagged, not
-registered).
+pushed, the dataset's not), ``dvc-push`` (pushed, not committed), ``publish`` (tagged; in a lineage
+clone the bundle not yet written), ``registry`` (tagged and published, not registered).
 """
 
 from __future__ import annotations

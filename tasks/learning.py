@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 _SESSIONS: dict[Path, CumulativeModel] = {}
 _LIMITS_READY: set[str] = set()
+# The commit a run's version was made as, set before it is published: of two runs claiming one
+# version, recovery keeps the one whose commit the lineage holds (tasks.lineages).
+CANDIDATE = "cns.candidate_commit"
 step_task = task(cache_policy=NO_CACHE)  # in-memory objects as inputs: nothing to cache or hash
 
 
@@ -219,10 +222,17 @@ def recover(ws: Workspace, config: Config) -> dict:
     for run in tracking.unfinished_runs(config):
         version = int(run.data.tags.get(tracking.VERSION, 0))
         owner = tracking.registered_run(config, version) if 0 < version <= committed else None
+        commit = versioning.git(ws, "rev-list", "-n", "1", f"{versioning.TAG_PREFIX}{version}") \
+            if 0 < version <= committed else None
         if owner not in (None, run.info.run_id):  # an orphan of a retried start: never the version's run
             tracking.mark_rolled_back(run.info.run_id, f"model v{version} is run {owner}'s; this one is a duplicate")
             rolled_back.append(run.info.run_id)
-        elif 0 < version <= committed:
+        elif commit and run.data.tags.get(CANDIDATE, commit) != commit:
+            # a lineage clone's version that lost the compare-and-swap to another worker's commit
+            tracking.mark_rolled_back(run.info.run_id, f"model v{version} was published by another worker "
+                                      f"(commit {commit[:12]}); this run's commit never became a version")
+            rolled_back.append(run.info.run_id)
+        elif commit:
             tags = version_tags(ws, version)
             # What the register task sets first (a kill after the tag skipped it): the run's links.
             tracking.set_tags(run.info.run_id, {"cns.git_tag": tags["git_tag"],
@@ -526,12 +536,31 @@ def log_nightly(ws: Workspace, config: Config, evaluation: ModelEvaluation) -> d
     return {"run_id": run_id, "version": evaluation.version, "concepts": list(evaluation.metrics)}
 
 
-@task(name="version-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def version_model(ws: Workspace, record: ConceptRecord) -> dict[str, str]:
-    """dvc add + push (retried: storage), then git commit + tag ``model-vN`` (idempotent)."""
+def _publish(ws: Workspace, run_id: str, version: int, versioned: dict[str, str]) -> None:
+    tracking.set_tags(run_id, {CANDIDATE: versioned["commit"]})
+    fault_point("publish")
+    lineages.publish(ws, version)  # a lineage clone: the version is the lineage's from here
+
+
+def _unless_conflict(task, task_run, state) -> bool:
+    """Retry a versioning task, except when another worker published the version (it stays so)."""
+    try:
+        state.result()
+    except lineages.LineageConflict:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="version-model", retries=2, retry_delay_seconds=5, retry_condition_fn=_unless_conflict,
+      cache_policy=NO_CACHE)
+def version_model(ws: Workspace, record: ConceptRecord, run_id: str) -> dict[str, str]:
+    """dvc add + push (retried: storage), then git commit + tag ``model-vN`` (idempotent), then, in
+    a lineage clone, publish it."""
     versioning.add_and_push(ws, record)
     versioned = versioning.commit_and_tag(ws, record)
-    lineages.publish(ws, record.version)  # a lineage clone: the version is the lineage's from here
+    _publish(ws, run_id, record.version, versioned)
     return versioned
 
 
@@ -587,14 +616,15 @@ def log_forget_run(ws: Workspace, config: Config, run_id: str, removal: dict, ev
         tracking.log_artifacts(run_id, {p.name: p for p in out.iterdir()})
 
 
-@task(name="version-removal", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def version_removal(ws: Workspace, removal: dict) -> dict[str, str]:
+@task(name="version-removal", retries=2, retry_delay_seconds=5, retry_condition_fn=_unless_conflict,
+      cache_policy=NO_CACHE)
+def version_removal(ws: Workspace, removal: dict, run_id: str) -> dict[str, str]:
     """dvc add + push of the model (the removed concept's dataset stays as it is), then git commit
     "model vN: forget <concept>" + tag ``model-vN`` (idempotent)."""
     versioning.add_and_push(ws, None)
     versioned = versioning.commit_and_tag(ws, ConceptRecord(**removal["record"]), action="forget",
                                           version=removal["version"])
-    lineages.publish(ws, removal["version"])
+    _publish(ws, run_id, removal["version"], versioned)
     return versioned
 
 

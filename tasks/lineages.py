@@ -38,6 +38,8 @@ from tasks.versioning import (LINEAGE_MARKER, TAG_PREFIX, Workspace, WorkspaceEr
 
 GIT_PREFIX = "git/"
 COMMIT_META = "commit"  # the bundle's x-amz-meta-commit: the version's commit
+# In a clone's .git while sync resets and pulls it: a clone left with it was synced half-way.
+SYNCING = "cns-sync-in-progress"
 
 
 class LineageConflict(CNSError):
@@ -65,8 +67,27 @@ def published(client, bucket: str) -> tuple[int, str] | None:
     if not numbers:
         return None
     version = max(numbers)
-    head = client.head_object(Bucket=bucket, Key=bundle_key(version))
-    return version, head["Metadata"].get(COMMIT_META, "")
+    return version, _s3(lambda: client.head_object(Bucket=bucket, Key=bundle_key(version)),
+                        bucket, bundle_key(version))["Metadata"].get(COMMIT_META, "")
+
+
+def _s3(call, bucket: str, key: str):
+    """``call()``, its S3 errors named after the object (S3Error)."""
+    try:
+        return call()
+    except s3.client_errors() as exc:
+        raise s3.describe_error(exc, f"s3://{bucket}/{key}") from exc
+
+
+def bundle_commit(bundle: Path, version: int) -> str:
+    """The commit of version ``version`` in a downloaded bundle (tag ``model-vN``; for v0, main)."""
+    wanted = f"refs/tags/{TAG_PREFIX}{version}" if version else "refs/heads/main"
+    proc = subprocess.run(["git", "bundle", "list-heads", str(bundle)], capture_output=True, text=True)
+    heads = dict(reversed(line.split(maxsplit=1)) for line in proc.stdout.splitlines() if " " in line)
+    if proc.returncode != 0 or wanted not in heads:
+        raise WorkspaceError(bundle, f"is not a lineage bundle of version {version} (no {wanted})",
+                             "lineage_invalid")
+    return heads[wanted]
 
 
 def _error_code(exc) -> str:
@@ -88,7 +109,7 @@ def _put_bundle(ws: Workspace, client, bucket: str, version: int, commit: str) -
         except ClientError as exc:
             if _error_code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 raise s3.describe_error(exc, f"s3://{bucket}/{key}") from exc
-    other = client.head_object(Bucket=bucket, Key=key)["Metadata"].get(COMMIT_META, "")
+    other = _s3(lambda: client.head_object(Bucket=bucket, Key=key), bucket, key)["Metadata"].get(COMMIT_META, "")
     if other != commit:
         raise LineageConflict(f"s3://{bucket}/{key}", f"{TAG_PREFIX}{version} was published by another worker "
                               f"(commit {other[:12]}); this pass's {TAG_PREFIX}{version} (commit {commit[:12]}) is "
@@ -111,12 +132,21 @@ def create(bucket: str, model_name: str, params: Path | None = None) -> int:
     Returns 0; a bucket that already holds a lineage is refused."""
     from tasks.versioning import PROJECT_ROOT, init_workspace
 
+    from mlflow import MlflowClient
+
     client = s3.client()
     with contextlib.suppress(*s3.client_errors()):
         client.head_bucket(Bucket=bucket)
         if published(client, bucket) is not None:
             raise WorkspaceError(f"s3://{bucket}/{GIT_PREFIX}", "already holds a lineage", "lineage_exists")
-    with contextlib.suppress(Exception):
+        if any(True for _ in s3.list_objects(client, bucket, "dvc/")):
+            raise WorkspaceError(f"s3://{bucket}/dvc/", "holds the DVC remote of a workspace (`cns init`): its "
+                                 "datasets would be learned again into a new lineage; use a new bucket",
+                                 "lineage_exists")
+    if MlflowClient().get_experiment_by_name(model_name) is not None:
+        raise WorkspaceError(f"--model-name {model_name}", "is in use (an MLflow experiment of that name exists): "
+                             "each lineage needs its own experiment, registered model and lock", "lineage_exists")
+    with contextlib.suppress(*s3.client_errors()):
         client.create_bucket(Bucket=bucket)
     text = (params or PROJECT_ROOT / "params.yaml").read_text()
     text, found = re.subn(r"(?m)^(\s+model_name:\s*)\S+", lambda m: m.group(1) + model_name, text, count=1)
@@ -131,10 +161,11 @@ def create(bucket: str, model_name: str, params: Path | None = None) -> int:
     return 0
 
 
-def _download(client, bucket: str, version: int, folder: Path) -> Path:
+def _download(client, bucket: str, version: int, folder: Path) -> tuple[Path, str]:
+    """The bundle of ``version`` and its commit (read from the bundle itself)."""
     path = folder / f"{TAG_PREFIX}{version}.bundle"
-    client.download_file(bucket, bundle_key(version), str(path))
-    return path
+    _s3(lambda: client.download_file(bucket, bundle_key(version), str(path)), bucket, bundle_key(version))
+    return path, bundle_commit(path, version)
 
 
 def checkout(bucket: str) -> Workspace:
@@ -149,11 +180,14 @@ def checkout(bucket: str) -> Workspace:
                                  "`cns lineage create BUCKET --model-name NAME`)", "lineage_missing")
         root.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{bucket}-", dir=root.parent) as tmp:
-            bundle = _download(client, bucket, head[0], Path(tmp))
+            bundle, commit = _download(client, bucket, head[0], Path(tmp))
             clone = Path(tmp) / "clone"
-            subprocess.run(["git", "clone", "-q", str(bundle), str(clone)], check=True, capture_output=True)
+            proc = subprocess.run(["git", "clone", "-q", str(bundle), str(clone)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise WorkspaceError(f"s3://{bucket}/{bundle_key(head[0])}",
+                                     f"git clone failed: {proc.stderr.strip()[-300:]}", "git_failed")
             ws = Workspace(clone)
-            git(ws, "reset", "-q", "--hard", head[1])
+            git(ws, "reset", "-q", "--hard", commit)
             git(ws, "config", "user.email", "cns-pipeline@localhost")
             git(ws, "config", "user.name", "cns-pipeline")
             git(ws, "remote", "remove", "origin")
@@ -181,15 +215,18 @@ def sync(ws: Workspace) -> bool:
     version, commit = head
     lineage = read_lineage(ws.model_dir)
     local_tags = set(git(ws, "tag", "--list").split())
-    current = (git(ws, "rev-parse", "HEAD") == commit and version_in_progress(ws) is None
+    syncing = ws.root / ".git" / SYNCING
+    current = (git(ws, "rev-parse", "HEAD") == commit and version_in_progress(ws) is None and not syncing.exists()
                and (lineage.version if lineage else 0) == version
                and not any(_tag_version(t) > version for t in local_tags)
                and not git(ws, "status", "--porcelain", "--untracked-files=all", "--", "data", "metrics", "dvc.lock"))
     if current:
         return False
+    syncing.write_text(f"{version}\n")
     with tempfile.TemporaryDirectory(prefix="cns-bundle-") as tmp:
-        bundle = _download(client, bucket, version, Path(tmp))
-        git(ws, "fetch", "-q", "--force", str(bundle), "+refs/tags/*:refs/tags/*")
+        bundle, commit = _download(client, bucket, version, Path(tmp))
+        git(ws, "fetch", "-q", "--force", str(bundle), "+refs/tags/*:refs/tags/*",
+            "+refs/heads/*:refs/remotes/lineage/*")
         theirs = {line.split()[1].removeprefix("refs/tags/") for line in
                   git(ws, "bundle", "list-heads", str(bundle)).splitlines() if " refs/tags/" in line}
         for tag in local_tags - theirs:
@@ -203,6 +240,7 @@ def sync(ws: Workspace) -> bool:
     for targets in pull_targets(ws):  # one dvc pull each: a mix of both left data/model out (DVC 3)
         with dvc_repo(ws) as repo:
             repo.pull(targets=targets, force=True)
+    syncing.unlink()
     return True
 
 

@@ -117,7 +117,9 @@ def open_workspace(path: str | Path | None = None) -> Workspace:
     ws = Workspace(root)
     marker = root / ".git" / LINEAGE_MARKER
     bucket = marker.read_text().strip() if marker.exists() else None
-    if bucket and os.environ.get("CNS_BUCKET", bucket) != bucket:
+    if bucket and not os.environ.get("CNS_BUCKET"):
+        os.environ["CNS_BUCKET"] = bucket  # a lineage clone names its bucket: this process works for it
+    elif bucket and os.environ["CNS_BUCKET"] != bucket:
         raise WorkspaceError(root, f"is a clone of the lineage in s3://{bucket}, but CNS_BUCKET is "
                              f"{os.environ['CNS_BUCKET']}: its datasets would be learned into the wrong lineage",
                              "lineage_mismatch")

@@ -86,6 +86,34 @@ def test_a_lineage_is_created_once_and_a_version_is_published_by_one_writer_only
     assert git(second, "rev-parse", "HEAD") == git(first, "rev-parse", "HEAD")
     assert (second.root / "metrics" / "note.txt").read_text() == "first"
     assert git(second, "tag", "--list", "model-v*") == "model-v1"
+    (second.root / ".git" / lineages.SYNCING).write_text("1\n")  # a sync killed half-way ...
+    with env(CNS_BUCKET=name):
+        assert lineages.sync(second)  # ... is done again, not trusted
+    assert not (second.root / ".git" / lineages.SYNCING).exists()
+
+
+def test_a_pass_killed_before_publishing_leaves_no_version_and_the_next_pass_learns_it_once(running_stack,
+                                                                                           tmp_path):
+    from stack_helpers import runs_tagged
+
+    name = new_lineage(tmp_path, "kill")
+    for i, concept in enumerate(("k-first", "k-second")):
+        bucket.drop(s3.client(), name, make_concept(tmp_path / "src", concept, seed=i))
+    cns = Path(sys.executable).parent / "cns"
+    worker_env = {**os.environ, "CNS_LINEAGES_DIR": str(tmp_path / "worker"), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([str(cns), "lineage", "pass", name], env={**worker_env, "CNS_FAULT_AT": "publish"},
+                            capture_output=True, start_new_session=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert lineages.published(s3.client(), name)[0] == 0  # tagged in the clone, never published
+    ws = clone(name, tmp_path / "worker")
+    assert git(ws, "tag", "--list", "model-v*") == ""  # the clone's unpublished version is thrown away
+    done = subprocess.run([str(cns), "lineage", "pass", name], env=worker_env, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ws = clone(name, tmp_path / "check")
+    with env(CNS_BUCKET=name):
+        assert_learned_exactly_once(ws, name, ["k-first", "k-second"])
+        (rolled_back,) = runs_tagged(name, "cns.state", "rolled_back")
+    assert rolled_back.data.tags["cns.concept"] == "k-first"
 
 
 def test_a_clone_refuses_another_bucket(running_stack, tmp_path):
@@ -129,7 +157,8 @@ def test_two_workers_learn_three_lineages_each_version_exactly_once(running_stac
             bucket.drop(s3.client(), name, make_concept(tmp_path / "src", concept, seed=100 * k + i))
     workers = [start_worker(pool, tmp_path / f"worker{w}", tmp_path / f"worker{w}.log") for w in range(2)]
     try:
-        runs = wait_for_flow_runs(run_lineages(names), timeout=900)
+        # and a second pass of the first lineage at the same time: the two take turns
+        runs = wait_for_flow_runs(run_lineages([*names, names[0]]), timeout=900)
     finally:
         for proc in workers:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -139,7 +168,7 @@ def test_two_workers_learn_three_lineages_each_version_exactly_once(running_stac
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
     logs = "\n".join((tmp_path / f"worker{w}.log").read_text()[-3000:] for w in range(2))
-    assert [r.state.type.value for r in runs] == ["COMPLETED"] * 3, logs
+    assert [r.state.type.value for r in runs] == ["COMPLETED"] * 4, logs
     ran_on = {(tmp_path / f"worker{w}").name for w in range(2) if (tmp_path / f"worker{w}").exists()}
     assert ran_on == {"worker0", "worker1"}, "both workers took lineages"
     for name in names:
