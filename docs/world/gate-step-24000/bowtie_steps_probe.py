@@ -1,0 +1,19 @@
+"""Bowtie ceiling probe on the finished world model: all-K/V (single_kv alone), lr 1e-2, token lr 5e-2, more steps."""
+import json, sys
+from pathlib import Path
+from world.bench import BenchSettings, Hyper, context, baseline, load_images, run_method
+from world.sweeps import _alone
+from world.scene import load_concepts
+
+cache = Path("/tmp/gate24k/cache")
+work = Path("/tmp/probe24k/work")
+concepts = [c for c in load_concepts() if c.name == "bowtie"]
+ctx = context(BenchSettings(), concepts, work, "cpu")
+base_images = load_images(cache / "pretrained-zero-shot.png")
+out = {}
+for steps in [int(s) for s in sys.argv[1:]]:
+    run = run_method(_alone("single_kv"), 0, ctx, base_images, Path(f"/tmp/probe24k/bowtie-{steps}.png"),
+                     hyper=Hyper(1e-2, 5e-2, steps))
+    out[steps] = run["final"][0] | {"train_seconds": run["train_seconds"]}
+    print(steps, json.dumps(out[steps]), flush=True)
+Path("/tmp/probe24k/probe.json").write_text(json.dumps(out, indent=1))
