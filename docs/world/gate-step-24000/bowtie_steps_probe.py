@@ -1,9 +1,18 @@
-"""Bowtie ceiling probe on the finished world model: all-K/V (single_kv alone), lr 1e-2, token lr 5e-2, more steps."""
-import json, sys
+"""Bowtie ceiling probe on the finished world model: all-K/V (single_kv, alone), lr 1e-2, token lr
+5e-2, seed 0, with more steps than the gate's 200. Run from the repository root after a gate run
+whose cache holds the pretrained model's zero-shot strip:
+
+    .venv/bin/cns bench world --sweep gate --out /tmp/gate24k/out --cache /tmp/gate24k/cache
+    HF_HUB_OFFLINE=1 .venv/bin/python docs/world/gate-step-24000/bowtie_steps_probe.py 400 800
+"""
+
+import json
+import sys
 from pathlib import Path
-from world.bench import BenchSettings, Hyper, context, baseline, load_images, run_method
-from world.sweeps import _alone
+
+from world.bench import BenchSettings, Hyper, context, load_images, run_method
 from world.scene import load_concepts
+from world.sweeps import _alone
 
 cache = Path("/tmp/gate24k/cache")
 work = Path("/tmp/probe24k/work")
