@@ -537,9 +537,12 @@ def log_nightly(ws: Workspace, config: Config, evaluation: ModelEvaluation) -> d
 
 
 def _publish(ws: Workspace, run_id: str, version: int, versioned: dict[str, str]) -> None:
-    tracking.set_tags(run_id, {CANDIDATE: versioned["commit"]})
+    """In a lineage clone: the run's candidate commit, then the version published (the lineage's
+    from here). A workspace of its own has nothing to publish and no rival writer."""
+    if versioning.lineage_bucket(ws) is not None:
+        tracking.set_tags(run_id, {CANDIDATE: versioned["commit"]})
     fault_point("publish")
-    lineages.publish(ws, version)  # a lineage clone: the version is the lineage's from here
+    lineages.publish(ws, version)  # nothing to do in a workspace of its own
 
 
 def _unless_conflict(task, task_run, state) -> bool:

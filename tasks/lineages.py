@@ -32,9 +32,11 @@ import tempfile
 from pathlib import Path
 
 from cns.errors import CNSError
+from cns.lineage import read_lineage
 from tasks import s3
-from tasks.versioning import (LINEAGE_MARKER, TAG_PREFIX, Workspace, WorkspaceError, end_version, git,
-                              open_workspace, remove_untracked_datasets)
+from tasks.versioning import (LINEAGE_MARKER, TAG_PREFIX, Workspace, WorkspaceError, dvc_repo, end_version, git,
+                              last_version, lineage_bucket, open_workspace, remove_untracked_datasets,
+                              version_in_progress)
 
 GIT_PREFIX = "git/"
 COMMIT_META = "commit"  # the bundle's x-amz-meta-commit: the version's commit
@@ -52,12 +54,6 @@ def lineages_dir() -> Path:
 
 def bundle_key(version: int) -> str:
     return f"{GIT_PREFIX}{TAG_PREFIX}{version}.bundle"
-
-
-def lineage_of(ws: Workspace) -> str | None:
-    """The bucket of a lineage clone; None for a workspace of its own (``cns init``)."""
-    path = ws.root / ".git" / LINEAGE_MARKER
-    return path.read_text().strip() if path.exists() else None
 
 
 def published(client, bucket: str) -> tuple[int, str] | None:
@@ -79,12 +75,17 @@ def _s3(call, bucket: str, key: str):
         raise s3.describe_error(exc, f"s3://{bucket}/{key}") from exc
 
 
-def bundle_commit(bundle: Path, version: int) -> str:
-    """The commit of version ``version`` in a downloaded bundle (tag ``model-vN``; for v0, main)."""
-    wanted = f"refs/tags/{TAG_PREFIX}{version}" if version else "refs/heads/main"
+def bundle_heads(bundle: Path) -> dict[str, str]:
+    """{ref: commit} of a downloaded bundle (empty when git cannot read it)."""
     proc = subprocess.run(["git", "bundle", "list-heads", str(bundle)], capture_output=True, text=True)
-    heads = dict(reversed(line.split(maxsplit=1)) for line in proc.stdout.splitlines() if " " in line)
-    if proc.returncode != 0 or wanted not in heads:
+    lines = proc.stdout.splitlines() if proc.returncode == 0 else []
+    return {ref: commit for commit, ref in (line.split(maxsplit=1) for line in lines if " " in line)}
+
+
+def bundle_commit(heads: dict[str, str], bundle: Path, version: int) -> str:
+    """The commit of version ``version`` in a bundle's heads (tag ``model-vN``; for v0, main)."""
+    wanted = f"refs/tags/{TAG_PREFIX}{version}" if version else "refs/heads/main"
+    if wanted not in heads:
         raise WorkspaceError(bundle, f"is not a lineage bundle of version {version} (no {wanted})",
                              "lineage_invalid")
     return heads[wanted]
@@ -119,7 +120,7 @@ def _put_bundle(ws: Workspace, client, bucket: str, version: int, commit: str) -
 def publish(ws: Workspace, version: int) -> None:
     """Make tag ``model-v<version>`` of a lineage clone the lineage's (nothing for a workspace of
     its own). Idempotent: a retry of the same commit finds its own bundle."""
-    bucket = lineage_of(ws)
+    bucket = lineage_bucket(ws)
     if bucket is None:
         return
     commit = git(ws, "rev-list", "-n", "1", f"{TAG_PREFIX}{version}")
@@ -130,9 +131,9 @@ def create(bucket: str, model_name: str, params: Path | None = None) -> int:
     """A new lineage in ``s3://<bucket>`` (made if missing): a workspace with ``params`` (default:
     the project's params.yaml) and ``pipeline.model_name`` set, published as ``git/model-v0.bundle``.
     Returns 0; a bucket that already holds a lineage is refused."""
-    from tasks.versioning import PROJECT_ROOT, init_workspace
-
     from mlflow import MlflowClient
+
+    from tasks.versioning import PROJECT_ROOT, init_workspace
 
     client = s3.client()
     with contextlib.suppress(*s3.client_errors()):
@@ -161,11 +162,12 @@ def create(bucket: str, model_name: str, params: Path | None = None) -> int:
     return 0
 
 
-def _download(client, bucket: str, version: int, folder: Path) -> tuple[Path, str]:
-    """The bundle of ``version`` and its commit (read from the bundle itself)."""
+def _download(client, bucket: str, version: int, folder: Path) -> tuple[Path, str, dict[str, str]]:
+    """The bundle of ``version``, its commit and its heads (read from the bundle itself)."""
     path = folder / f"{TAG_PREFIX}{version}.bundle"
     _s3(lambda: client.download_file(bucket, bundle_key(version), str(path)), bucket, bundle_key(version))
-    return path, bundle_commit(path, version)
+    heads = bundle_heads(path)
+    return path, bundle_commit(heads, path, version), heads
 
 
 def checkout(bucket: str) -> Workspace:
@@ -180,7 +182,7 @@ def checkout(bucket: str) -> Workspace:
                                  "`cns lineage create BUCKET --model-name NAME`)", "lineage_missing")
         root.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{bucket}-", dir=root.parent) as tmp:
-            bundle, commit = _download(client, bucket, head[0], Path(tmp))
+            bundle, commit, _ = _download(client, bucket, head[0], Path(tmp))
             clone = Path(tmp) / "clone"
             proc = subprocess.run(["git", "clone", "-q", str(bundle), str(clone)], capture_output=True, text=True)
             if proc.returncode != 0:
@@ -201,35 +203,28 @@ def sync(ws: Workspace) -> bool:
     """Bring a lineage clone to the lineage's newest published version: its git history and tags,
     then ``data/model`` and the datasets from the DVC remote. Anything the clone holds beyond that is
     thrown away. Call with the lineage lock held. Returns whether the clone changed."""
-    from tasks.versioning import dvc_repo, version_in_progress
-
-    bucket = lineage_of(ws)
+    bucket = lineage_bucket(ws)
     if bucket is None:
         return False
-    from cns.lineage import read_lineage
-
     client = s3.client()
     head = published(client, bucket)
     if head is None:
         raise WorkspaceError(f"s3://{bucket}/{GIT_PREFIX}", "holds no lineage any more", "lineage_missing")
     version, commit = head
     lineage = read_lineage(ws.model_dir)
-    local_tags = set(git(ws, "tag", "--list").split())
     syncing = ws.root / ".git" / SYNCING
     current = (git(ws, "rev-parse", "HEAD") == commit and version_in_progress(ws) is None and not syncing.exists()
-               and (lineage.version if lineage else 0) == version
-               and not any(_tag_version(t) > version for t in local_tags)
+               and (lineage.version if lineage else 0) == version == last_version(ws)
                and not git(ws, "status", "--porcelain", "--untracked-files=all", "--", "data", "metrics", "dvc.lock"))
     if current:
         return False
     syncing.write_text(f"{version}\n")
     with tempfile.TemporaryDirectory(prefix="cns-bundle-") as tmp:
-        bundle, commit = _download(client, bucket, version, Path(tmp))
+        bundle, commit, heads = _download(client, bucket, version, Path(tmp))
         git(ws, "fetch", "-q", "--force", str(bundle), "+refs/tags/*:refs/tags/*",
             "+refs/heads/*:refs/remotes/lineage/*")
-        theirs = {line.split()[1].removeprefix("refs/tags/") for line in
-                  git(ws, "bundle", "list-heads", str(bundle)).splitlines() if " refs/tags/" in line}
-        for tag in local_tags - theirs:
+        theirs = {ref.removeprefix("refs/tags/") for ref in heads if ref.startswith("refs/tags/")}
+        for tag in set(git(ws, "tag", "--list").split()) - theirs:
             git(ws, "tag", "-d", tag)
         git(ws, "reset", "-q", "--hard", commit)
     git(ws, "clean", "-fdq", "--", "data", "metrics", "dvc.lock", check=False)
@@ -256,8 +251,3 @@ def pull_targets(ws: Workspace) -> list[list[str]]:
     outputs = [out["path"] for stage in stages.values() for out in stage.get("outs", [])
                if out.get("md5") and str(out.get("path", "")).startswith("data/")]
     return [group for group in (tracked, outputs) if group]
-
-
-def _tag_version(tag: str) -> int:
-    match = re.fullmatch(rf"{TAG_PREFIX}(\d+)|model@v(\d+)\.0\.0", tag)
-    return int(match.group(1) or match.group(2)) if match else -1

@@ -115,8 +115,7 @@ def open_workspace(path: str | Path | None = None) -> Workspace:
             raise WorkspaceError(root / required, "missing: not a cns workspace (create one with `cns init DIR`)",
                                  "workspace_missing")
     ws = Workspace(root)
-    marker = root / ".git" / LINEAGE_MARKER
-    bucket = marker.read_text().strip() if marker.exists() else None
+    bucket = lineage_bucket(ws)
     if bucket and not os.environ.get("CNS_BUCKET"):
         os.environ["CNS_BUCKET"] = bucket  # a lineage clone names its bucket: this process works for it
     elif bucket and os.environ["CNS_BUCKET"] != bucket:
@@ -125,6 +124,13 @@ def open_workspace(path: str | Path | None = None) -> Workspace:
                              "lineage_mismatch")
     configure_remote_endpoint(ws, bucket)
     return ws
+
+
+def lineage_bucket(ws: Workspace) -> str | None:
+    """The bucket of a clone of a lineage that lives in S3 (tasks.lineages); None for a workspace of
+    its own (``cns init``)."""
+    path = ws.root / ".git" / LINEAGE_MARKER
+    return path.read_text().strip() if path.exists() else None
 
 
 def configure_remote_endpoint(ws: Workspace, bucket: str | None = None) -> None:
