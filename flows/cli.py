@@ -127,6 +127,9 @@ def _add_world_commands(sub: argparse._SubParsersAction) -> None:
                                                   "(default OUT/cache); delete a file to rerun it")
     p.add_argument("--out", default="docs/world")
     p.add_argument("--device", default="auto")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only every N-th run from the K-th into the cache and write no report: N such "
+                        "processes side by side (one GPU holds many), then once more without --shard")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=world.cmd_bench)
 

@@ -284,9 +284,19 @@ def test_the_gate_sweep_checks_only_the_all_kv_ceiling_and_names_the_model(tmp_p
     from world.bench import TUNE_GRID, VALIDATION, BenchSettings
     from world.sweeps import GATE, tune
 
+    cells = len(TUNE_GRID["learning_rate"]) * len(TUNE_GRID["token_learning_rate"])  # smoke: one step count
+    # A shard (one of several processes side by side) runs only its share of the cells into the
+    # cache and writes no record; the run without a shard then trains only what is missing.
+    assert tune(BenchSettings.smoke(), tmp_path, tmp_path / "cache", gate_only=True, shard=(1, 2)) is None
+    assert not (tmp_path / "gate.json").exists()
+    sharded = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("kv-*-steps8.json")}
+    assert len(sharded) == cells // 2
     record = tune(BenchSettings.smoke(), tmp_path, tmp_path / "cache", gate_only=True)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("kv-*-steps8.json")
+            if p.name in sharded} == sharded, "the shard's cells must be read from the cache, not trained again"
     assert {r["family"] for r in record["results"]} == {"kv"}
-    assert len(record["results"]) == len(TUNE_GRID["learning_rate"]) * len(TUNE_GRID["token_learning_rate"])
+    assert len(record["results"]) == cells
+    assert record["grid"]["steps"] == [8]
     assert record["validation_concepts"] == list(VALIDATION)
     gate = record["gate"]
     assert gate["kv_identity"] == max(r["identity"] for r in record["results"])
@@ -294,3 +304,40 @@ def test_the_gate_sweep_checks_only_the_all_kv_ceiling_and_names_the_model(tmp_p
     assert record["model"]["path"].endswith("model")
     assert json.loads((tmp_path / "gate.json").read_text()) == json.loads(json.dumps(record))
     assert not (tmp_path / "tuned.json").exists()  # the benchmark reads tuned.json: a gate run never writes it
+
+
+@pytest.mark.parametrize("shard", ["2/2", "-1/3", "1", "a/b"])
+def test_a_bad_shard_is_one_error_and_writes_nothing(tmp_path, shard):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "bench", "world", "--smoke", "--out", str(out),
+                             f"--shard={shard}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--shard" in lines[0] and shard in lines[0], result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("name", ["cns", "naive_kv", "lora_fused"])  # sequential CNS, sequential plain, fused (single-concept runs keep only samples)
+def test_a_run_stopped_after_a_concept_resumes_to_the_same_record(tmp_path, name):
+    """The full benchmark runs in parts (issue 9): a run is saved after each concept, and a run
+    that resumes from there learns and reads exactly what the uninterrupted run did."""
+    from world.bench import (METHODS, BenchSettings, Progress, baseline, benchmark_concepts, context, load_images,
+                             run_method)
+
+    settings = BenchSettings.smoke()
+    settings.steps = 2
+    cache = tmp_path / "cache"
+    ctx = context(settings, benchmark_concepts(settings), cache / ".work", "cpu")
+    baseline(ctx, cache)
+    base_images = load_images(cache / "pretrained-zero-shot.png")
+    progress = tmp_path / "progress"
+    whole = run_method(METHODS[name], 0, ctx, base_images, tmp_path / "a.png", progress=progress)
+    assert Progress(progress).latest().name == "k1"  # saved after concept 1 of 2 (not after the last)
+    resumed = run_method(METHODS[name], 0, ctx, base_images, tmp_path / "b.png", progress=progress)
+    assert resumed.pop("resumed_after") == [1]
+    for record in (whole, resumed):
+        record.pop("train_seconds")
+        record.get("forget", {}).pop("seconds", None)
+    assert resumed == whole
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()

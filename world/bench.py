@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -96,7 +97,9 @@ class Hyper:
 # Untuned starting points; `cns bench world tune` replaces them by the pre-declared rule.
 DEFAULT_HYPER = {"cns": Hyper(1e-2, 5e-3, 200), "token": Hyper(0.0, 5e-2, 200), "kv": Hyper(1e-2, 5e-3, 200),
                  "lora": Hyper(1e-2, 5e-3, 200)}
-TUNE_GRID = {"learning_rate": (3e-3, 1e-2, 3e-2), "token_learning_rate": (5e-3, 5e-2)}
+# Steps are tuned too: on the finished world model the all-K/V ceiling was still rising at 800 steps
+# (bowtie identity 0.08 / 0.38 / 0.50 at 200 / 400 / 800; docs/world/gate-step-24000).
+TUNE_GRID = {"learning_rate": (3e-3, 1e-2, 3e-2), "token_learning_rate": (5e-3, 5e-2), "steps": (200, 400, 800, 1600)}
 
 
 @dataclass
@@ -365,24 +368,130 @@ def gray_samples(model, ctx: Context, indices: list[int]) -> np.ndarray:
     return sample(model, prompts, [90_000 + 1000 * i for i in indices])
 
 
+# ---- a run saved after each concept ----------------------------------------------------------
+
+class Progress:
+    """A run's state after each concept, so that a run stopped part-way (a session's end, a time
+    budget, a lent GPU given back) resumes from its last concept instead of from the first.
+
+    ``<folder>/k<n>/`` holds the run after ``n`` concepts: ``record.json`` (the readings so far),
+    ``state.safetensors`` (sequential runs: every K/V weight and each learned token's embedding;
+    fused runs: each concept's LoRA delta and token; single-concept runs: the gray samples so far),
+    ``model/`` (CNS runs: the cumulative model folder, lineage and concept files) and ``done``,
+    written last: a folder without it is ignored. The newest complete one is kept. Every concept
+    trains from seeds of its own (config seed, concept order), so a resumed run learns what an
+    uninterrupted one would."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def latest(self) -> Path | None:
+        done = [p for p in self.folder.glob("k*") if (p / "done").is_file() and p.name[1:].isdigit()]
+        return max(done, key=lambda p: int(p.name[1:]), default=None)
+
+    def save(self, record: dict, method: Method, cumulative: CumulativeModel, fused: list, samples: list,
+             config: Config) -> None:
+        from safetensors.torch import save_file
+
+        n = len(record["just_learned"])
+        final = self.folder / f"k{n}"
+        tmp = self.folder / f".k{n}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors: dict[str, torch.Tensor] = {}
+        if method.combine == "sequential":
+            tensors |= {f"kv.{layer.name}": layer.linear.weight.detach().cpu() for layer in cumulative.layers}
+            embedding = cumulative.model.token_embedding.weight
+            for i, token in enumerate(self._tokens(cumulative, n)):
+                tensors[f"token.{i}"] = embedding[cumulative.model.tokenizer.convert_tokens_to_ids(token)].detach().cpu()
+            if method.learner == "cns":
+                shutil.copytree(config.model_dir, tmp / "model")
+        elif method.combine == "fused":
+            for i, (deltas, token) in enumerate(fused):
+                tensors |= {f"delta.{i}.{name}": d.detach().cpu() for name, d in deltas.items()}
+                tensors[f"token.{i}"] = token.detach().cpu()
+        else:
+            tensors["samples"] = torch.from_numpy(np.stack(samples))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        (tmp / "record.json").write_text(json.dumps(record) + "\n")
+        (tmp / "done").write_text("")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for older in self.folder.glob("k*"):
+            if older != final:
+                shutil.rmtree(older, ignore_errors=True)
+
+    @staticmethod
+    def _tokens(cumulative: CumulativeModel, n: int) -> list[str]:
+        """The ``n`` concept tokens added to the tokenizer, in order (the last ``n`` ids)."""
+        tokenizer = cumulative.model.tokenizer
+        return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer) - n, len(tokenizer))))
+
+    def load(self, method: Method, ctx: "Context", config: Config):
+        """(record, cumulative model or None, fused, samples) from the newest saved concept, or None."""
+        from safetensors.torch import load_file
+
+        from cns.delta import add_token
+
+        latest = self.latest()
+        if latest is None:
+            return None
+        record = json.loads((latest / "record.json").read_text())
+        tensors = load_file(str(latest / "state.safetensors"))
+        n = len(record["just_learned"])
+        cumulative, fused, samples = None, [], []
+        if method.combine == "sequential":
+            if method.learner == "cns":
+                shutil.copytree(latest / "model", config.model_dir)
+            cumulative = open_model(config.model_dir, config)
+            model = cumulative.model
+            with torch.no_grad():
+                if method.learner != "cns":  # CNS's tokens come back with its lineage
+                    for i in range(n):
+                        token_id = add_token(model, ctx.concepts[i].token)
+                        model.token_embedding.weight[token_id] = tensors[f"token.{i}"].to(model.token_embedding.weight)
+                for layer in cumulative.layers:
+                    layer.linear.weight.copy_(tensors[f"kv.{layer.name}"])
+        elif method.combine == "fused":
+            for i in range(n):
+                prefix = f"delta.{i}."
+                fused.append(({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                              tensors[f"token.{i}"]))
+        else:
+            samples = list(tensors["samples"].numpy())
+        return record, cumulative, fused, samples
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 # ---- one method, one training seed ------------------------------------------------------------
 
 def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray, samples_file: Path,
-               hyper: Hyper | None = None) -> dict:
+               hyper: Hyper | None = None, progress: Path | None = None) -> dict:
     """Learn every concept the method's way; read each right after learning it and after the
     last one. Returns the cache record; each concept's final sample on gray goes to
-    ``samples_file``."""
+    ``samples_file``. With ``progress`` (a folder), the run is saved after every concept and a
+    run stopped part-way resumes from its last saved concept (:class:`Progress`)."""
     settings = ctx.settings
     hyper = hyper or hyper_for(method, settings)
     work = ctx.work / f"{method.name}-seed{seed}"
-    shutil.rmtree(work, ignore_errors=True)  # an interrupted run starts over (its record was never cached)
+    shutil.rmtree(work, ignore_errors=True)  # scratch: what a stopped run needs is in ``progress``
     config = cns_config(settings, work, hyper, seed, ctx.device, method)
     indices = list(range(len(ctx.concepts)))
-    record = {"method": method.name, "seed": seed, "hyper": asdict(hyper), "just_learned": [], "rows": [],
-              "rows_per_layer": [], "train_seconds": 0.0}
-    cumulative = open_model(config.model_dir, config)
-    fused, samples = [], []
-    for k in indices:
+    saved = Progress(progress) if progress else None
+    resumed = saved.load(method, ctx, config) if saved else None
+    if resumed:
+        record, cumulative, fused, samples = resumed
+        record.setdefault("resumed_after", []).append(len(record["just_learned"]))
+        log.info("%s seed %d: resumed after %d of %d concepts", method.name, seed, len(record["just_learned"]),
+                 len(indices))
+    else:
+        record = {"method": method.name, "seed": seed, "hyper": asdict(hyper), "just_learned": [], "rows": [],
+                  "rows_per_layer": [], "train_seconds": 0.0, "device": _device_name(ctx.device)}
+        cumulative = open_model(config.model_dir, config)
+        fused, samples = [], []
+    for k in indices[len(record["just_learned"]):]:
         if method.combine != "sequential":
             cumulative = open_model(work / f"model-{k}", replace(config, model_dir=str(work / f"model-{k}")))
         start = time.perf_counter()
@@ -398,6 +507,8 @@ def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray,
             samples.append(gray_samples(cumulative.model, ctx, [k])[0])
         if method.combine == "fused":
             fused.append((info["deltas"], info["token"]))
+        if saved and k + 1 < len(indices):
+            saved.save(record, method, cumulative, fused, samples, config)
     if method.combine == "alone":
         record["final"] = record["just_learned"]
         save_images(np.stack(samples), samples_file)
@@ -431,9 +542,11 @@ def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray,
 # ---- the whole benchmark ----------------------------------------------------------------------
 
 def save_images(images: np.ndarray, path: Path) -> None:
-    """uint8 (n, h, w, 3) as one lossless PNG strip."""
+    """uint8 (n, h, w, 3) as one lossless PNG strip (written whole: shards may read it meanwhile)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(list(images), axis=1)).save(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(tmp, format="PNG")
+    tmp.replace(path)
 
 
 def load_images(path: Path) -> np.ndarray:
@@ -442,15 +555,30 @@ def load_images(path: Path) -> np.ndarray:
     return np.stack([strip[:, i:i + size] for i in range(0, strip.shape[1], size)])
 
 
-def cached_run(path: Path, compute) -> dict:
+def cached_run(path: Path, compute, progress: Path | None = None) -> dict:
+    """``path``'s record, or ``compute()``'s, written whole to ``path``; the run's saved progress
+    (``progress``, see :class:`Progress`) is removed once its record is in."""
     if path.is_file():
         return json.loads(path.read_text())
     record = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # shards of one sweep share the cache
     tmp.write_text(json.dumps(record) + "\n")
     tmp.replace(path)
+    if progress is not None:
+        Progress(progress).clear()
     return record
+
+
+def shard_work(shard: tuple[int, int] | None) -> str:
+    """The scratch folder (in the cache) of one process: shards side by side never share one."""
+    return f".work-shard{shard[0]}of{shard[1]}" if shard else ".work"
+
+
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
 
 
 def benchmark_concepts(settings: BenchSettings) -> list[WorldConcept]:
@@ -484,8 +612,11 @@ def baseline(ctx: Context, cache: Path) -> dict:
     return cached_run(cache / "pretrained.json", compute)
 
 
-def run_benchmark(settings: BenchSettings, out: Path, cache: Path | None = None, device: str = "cpu") -> Path:
-    """Run (or resume) every method x seed not in ``cache`` yet, then write the report to ``out``."""
+def run_benchmark(settings: BenchSettings, out: Path, cache: Path | None = None, device: str = "cpu",
+                  shard: tuple[int, int] | None = None) -> Path:
+    """Run (or resume) every method x seed not in ``cache`` yet, then write the report to ``out``.
+    ``shard=(k, n)``: only every n-th (method, seed) from the k-th, and no report (n processes side
+    by side, e.g. on one GPU, which a 1.7 M-parameter model leaves mostly idle)."""
     from world.report import write_report
 
     started = time.perf_counter()
@@ -500,18 +631,23 @@ def run_benchmark(settings: BenchSettings, out: Path, cache: Path | None = None,
                                   + (f"; it measured {gate['kv_identity']:.2f}" if gate else ""), "world_gate")
     cache = cache or out / "cache"
     concepts = benchmark_concepts(settings)
-    ctx = context(settings, concepts, cache / ".work", device)  # .work is git-ignored scratch
+    ctx = context(settings, concepts, cache / shard_work(shard), device)  # .work* is git-ignored scratch
     base = baseline(ctx, cache)
     base_images = load_images(cache / "pretrained-zero-shot.png")
     runs = {}
-    for name in settings.methods:
+    for i, (name, seed) in enumerate((n, s) for n in settings.methods for s in settings.seeds):
         method = METHODS[name]
-        for seed in settings.seeds:
-            t = time.perf_counter()
-            samples = cache / name / f"seed{seed}-samples.png"
-            runs[(name, seed)] = cached_run(cache / name / f"seed{seed}.json",
-                                            lambda: run_method(method, seed, ctx, base_images, samples))
-            log.info("%s seed %d: %.0fs", name, seed, time.perf_counter() - t)
+        if shard and i % shard[1] != shard[0]:
+            continue
+        t = time.perf_counter()
+        samples = cache / name / f"seed{seed}-samples.png"
+        partial = cache / name / f"seed{seed}.progress"
+        runs[(name, seed)] = cached_run(cache / name / f"seed{seed}.json",
+                                        lambda: run_method(method, seed, ctx, base_images, samples, progress=partial),
+                                        progress=partial)
+        log.info("%s seed %d: %.0fs", name, seed, time.perf_counter() - t)
+    if shard:
+        return out
     write_report(settings, concepts, base, runs, cache, ctx.dirs, out, seconds=time.perf_counter() - started,
                  device=device)
     return out

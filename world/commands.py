@@ -93,15 +93,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings.seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else None
+    shard = _shard(args.shard) if args.shard else None
     if args.sweep:
         from world.sweeps import budget_curve, tune
 
         cache = cache or out / f"{'tune' if args.sweep == 'gate' else args.sweep}-cache"  # gate runs are tune runs
         if args.sweep == "budget":
-            budget_curve(settings, out, cache, device=_device(args.device))
+            budget_curve(settings, out, cache, device=_device(args.device), shard=shard)
         else:
-            tune(settings, out, cache, device=_device(args.device), gate_only=args.sweep == "gate")
+            tune(settings, out, cache, device=_device(args.device), gate_only=args.sweep == "gate", shard=shard)
     else:
-        run_benchmark(settings, out, cache=cache, device=_device(args.device))
-    print(f"wrote the results to {out}")
+        run_benchmark(settings, out, cache=cache, device=_device(args.device), shard=shard)
+    print(f"shard {args.shard}: its runs are in the cache; run again without --shard for the report" if shard
+          else f"wrote the results to {out}")
     return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``K/N`` -> (K, N) with 0 <= K < N."""
+    from cns.errors import CNSError
+
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k = n = -1
+    if not 0 <= k < n:
+        raise CNSError("--shard", f"'{text}' is not K/N with 0 <= K < N (e.g. 0/4)", "bad_argument")
+    return k, n

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from world.bench import (DEFAULT_HYPER, METHODS, TUNE_GRID, VALIDATION, BenchSettings, Hyper, cached_run, context,
-                         load_images, baseline, run_method)
+from world.bench import (METHODS, TUNE_GRID, VALIDATION, BenchSettings, Hyper, baseline, cached_run, context,
+                         load_images, run_method, shard_work)
 from world.report import _cells, fmt, interval, paired, save_figure
 from world.scene import load_concepts
 
-FAMILY_METHOD = {"cns": "cns", "token": "token_only", "kv": "single_kv", "lora": "lora_seq"}
+FAMILY_METHOD = {"kv": "single_kv", "cns": "cns", "token": "token_only", "lora": "lora_seq"}  # the gate's first
 RULE = ("the highest mean bitmap gain over the validation concepts, each learned alone on the pretrained model "
-        "with training seed 0; within 0.01 of the best, the smaller learning rates win (less drift for the same "
-        "fidelity)")
+        "with training seed 0; within 0.01 of the best, fewer steps win, then the smaller learning rates (less "
+        "compute and less drift for the same fidelity)")
 BUDGETS = (0.02, 0.06, 0.15)
 GATE = 0.8  # the world model must let the ceiling learn before any full benchmark run
 ROWS = ("taylor", "gradient", "random", "bottom")
@@ -36,34 +36,47 @@ def _alone(name: str, **changes):
     return replace(METHODS[name], combine="alone", **changes)
 
 
-def tune(settings: BenchSettings, out: Path, cache: Path, device: str = "cpu", gate_only: bool = False) -> dict:
+def tune(settings: BenchSettings, out: Path, cache: Path, device: str = "cpu", gate_only: bool = False,
+         shard: tuple[int, int] | None = None) -> dict | None:
     """The tune sweep (-> ``tuned.json``); ``gate_only``: only the all-K/V ceiling, the gate's
-    family (-> ``gate.json``): the quick check of a world model before the whole sweep."""
+    family (-> ``gate.json``): the quick check of a world model before the whole sweep.
+    ``shard=(k, n)``: compute only every n-th cell from the k-th into ``cache`` and write no
+    record (n such processes side by side fill the cache; a last run without a shard writes it)."""
     concepts = [c for c in load_concepts() if c.name in VALIDATION]
-    ctx = context(settings, concepts, cache / ".work", device)
+    ctx = context(settings, concepts, cache / shard_work(shard), device)
     base = baseline(ctx, cache)
     base_images = load_images(cache / "pretrained-zero-shot.png")
-    results, chosen = [], {}
-    for family, name in FAMILY_METHOD.items():
-        if gate_only and family != "kv":
+    steps = (settings.steps,) if settings.steps else TUNE_GRID["steps"]
+    cells = [(family, lr, token_lr, n)
+             for family in FAMILY_METHOD if not gate_only or family == "kv"  # the gate's family first
+             for lr in ((0.0,) if family == "token" else TUNE_GRID["learning_rate"])
+             for token_lr in TUNE_GRID["token_learning_rate"] for n in steps]
+    results, candidates = [], {}
+    for i, (family, lr, token_lr, n) in enumerate(cells):
+        hyper = Hyper(lr, token_lr, n)
+        tag = f"{family}-lr{lr:g}-tok{token_lr:g}-steps{n}"
+        if shard and i % shard[1] != shard[0]:
             continue
-        rates = (0.0,) if family == "token" else TUNE_GRID["learning_rate"]
-        candidates = []
-        for lr, token_lr in itertools.product(rates, TUNE_GRID["token_learning_rate"]):
-            hyper = Hyper(lr, token_lr, settings.steps or DEFAULT_HYPER[family].steps)
-            tag = f"{family}-lr{lr:g}-tok{token_lr:g}-steps{hyper.steps}"
-            run = cached_run(cache / f"{tag}.json", lambda: run_method(
-                _alone(name), 0, ctx, base_images, cache / f"{tag}-samples.png", hyper=hyper))
-            gain = float(np.mean(_cells({(name, 0): run}, name, "final", "bitmap_gain", base)))
-            results.append({"family": family, **asdict(hyper), "bitmap_gain": gain,
-                            "identity": float(np.mean([r["identity"] for r in run["final"]]))})
-            candidates.append((gain, hyper))
-        best = max(g for g, _ in candidates)
-        near = [h for g, h in candidates if g >= best - 0.01]
-        chosen[family] = asdict(min(near, key=lambda h: (h.learning_rate, h.token_learning_rate)))
+        name = FAMILY_METHOD[family]
+        partial = cache / f"{tag}.progress"
+        run = cached_run(cache / f"{tag}.json", lambda: run_method(
+            _alone(name), 0, ctx, base_images, cache / f"{tag}-samples.png", hyper=hyper, progress=partial),
+            progress=partial)
+        gain = float(np.mean(_cells({(name, 0): run}, name, "final", "bitmap_gain", base)))
+        results.append({"family": family, **asdict(hyper), "bitmap_gain": gain,
+                        "identity": float(np.mean([r["identity"] for r in run["final"]])),
+                        "train_seconds": round(run["train_seconds"], 1), "device": run.get("device", "cpu")})
+        candidates.setdefault(family, []).append((gain, hyper))
+    if shard:
+        return None
+    chosen = {}
+    for family, found in candidates.items():
+        best = max(g for g, _ in found)
+        near = [h for g, h in found if g >= best - 0.01]
+        chosen[family] = asdict(min(near, key=lambda h: (h.steps, h.learning_rate, h.token_learning_rate)))
     ceiling = max((r["identity"] for r in results if r["family"] == "kv"), default=0.0)
-    record = {"rule": RULE,
-              "validation_concepts": list(VALIDATION), "grid": {k: list(v) for k, v in TUNE_GRID.items()},
+    record = {"rule": RULE, "validation_concepts": list(VALIDATION),
+              "grid": {k: list(v) for k, v in TUNE_GRID.items()} | {"steps": list(steps)},
               "results": results, "chosen": chosen,
               "gate": {"rule": f"all-K/V single-concept identity on the validation concepts >= {GATE}",
                        "kv_identity": ceiling, "passed": ceiling >= GATE}}
@@ -85,23 +98,33 @@ def _model_record(ctx) -> dict:
                                                                      "evaluation")}}
 
 
-def budget_curve(settings: BenchSettings, out: Path, cache: Path, device: str = "cpu") -> dict:
+def budget_curve(settings: BenchSettings, out: Path, cache: Path, device: str = "cpu",
+                 shard: tuple[int, int] | None = None) -> dict | None:
+    """The budget sweep (-> ``budget.json``, ``budget.md``, ``budget.png``); ``shard`` as in :func:`tune`."""
     from world.bench import benchmark_concepts
 
     concepts = benchmark_concepts(settings)
-    ctx = context(settings, concepts, cache / ".work", device)
+    ctx = context(settings, concepts, cache / shard_work(shard), device)
     base = baseline(ctx, cache)
     base_images = load_images(cache / "pretrained-zero-shot.png")
     cells: dict[tuple[float, str], np.ndarray] = {}
+    index = itertools.count()
     for ratio, rows in itertools.product(BUDGETS, ROWS):
         name = f"rows-{rows}-{ratio:g}"
         method = replace(_alone("cns", rows=rows), name=name)
         ctx.settings = replace(settings, base_ratio=ratio)
         runs = {}
         for seed in settings.seeds:
+            if shard and next(index) % shard[1] != shard[0]:
+                continue
+            partial = cache / name / f"seed{seed}.progress"
             runs[(name, seed)] = cached_run(cache / name / f"seed{seed}.json", lambda: run_method(
-                method, seed, ctx, base_images, cache / name / f"seed{seed}-samples.png"))
-        cells[(ratio, rows)] = _cells(runs, name, "final", "bitmap_gain", base)
+                method, seed, ctx, base_images, cache / name / f"seed{seed}-samples.png", progress=partial),
+                progress=partial)
+        if not shard:
+            cells[(ratio, rows)] = _cells(runs, name, "final", "bitmap_gain", base)
+    if shard:
+        return None
     record = {"budgets": list(BUDGETS), "rows": list(ROWS), "concepts": [c.name for c in concepts],
               "seeds": settings.seeds,
               "bitmap_gain": {f"{r}@{b:g}": interval(v) for (b, r), v in cells.items()},
