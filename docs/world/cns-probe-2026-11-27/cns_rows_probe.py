@@ -1,0 +1,53 @@
+"""Can CNS's rows carry a concept on the finished world model? One validation concept, learned
+alone on the pretrained model with CNS's selection at a row budget, with or without L_reg and its
+generic output prior; seed 0, 24 samples. Run from the repository root:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python docs/world/cns-probe-2026-11-27/cns_rows_probe.py \
+        plusdot --steps 1600 --lr 3e-3 --ratio 0.1 --variant no-reg --variant reg --variant generic=0.01
+
+Variants: ``no-reg`` (the bench's cns_no_reg), ``reg`` (the library's L_reg as configured),
+``generic=W`` (L_reg with the generic output prior's weight set to W). The pretrained model's
+zero-shot strip comes from the committed tune cache (docs/world/tune-cache).
+"""
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import world.bench as wb
+from world.bench import METHODS, BenchSettings, Hyper, context, load_images, run_method
+from world.scene import load_concepts
+
+parser = argparse.ArgumentParser()
+parser.add_argument("concept")
+parser.add_argument("--steps", type=int, default=1600)
+parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--token-lr", type=float, default=5e-2)
+parser.add_argument("--ratio", type=float, default=0.06)
+parser.add_argument("--variant", action="append", default=[])
+parser.add_argument("--work", default="/tmp/cns-rows-probe")
+args = parser.parse_args()
+concepts = [c for c in load_concepts() if c.name == args.concept]
+base_images = load_images(Path("docs/world/tune-cache/pretrained-zero-shot.png"))
+make_config = wb.cns_config
+for variant in args.variant or ["reg"]:
+    name = "cns_no_reg" if variant == "no-reg" else "cns"
+    if variant.startswith("generic="):
+        weight = float(variant.split("=")[1])
+
+        def patched(*a, weight=weight, **k):
+            config = make_config(*a, **k)
+            return replace(config, train=replace(config.train, reg_generic_weight=weight))
+        wb.cns_config = patched
+    else:
+        wb.cns_config = make_config
+    work = Path(args.work) / f"{variant}-{args.ratio:g}-{args.steps}"
+    ctx = context(BenchSettings(base_ratio=args.ratio), concepts, work, "cpu")
+    start = time.time()
+    run = run_method(replace(METHODS[name], combine="alone"), 0, ctx, base_images, work / "samples.png",
+                     hyper=Hyper(args.lr, args.token_lr, args.steps))
+    r = run["final"][0]
+    print(f"{args.concept} {variant} rows {args.ratio:g} ({run['rows'][0]}) {args.steps} steps lr {args.lr:g}: "
+          f"identity {r['identity']:.2f} bitmap {r['bitmap']:.2f} similarity {r['similarity']:.2f} "
+          f"({time.time() - start:.0f} s)", flush=True)
