@@ -5,7 +5,7 @@ generic output prior; seed 0, 24 samples. Run from the repository root:
     HF_HUB_OFFLINE=1 .venv/bin/python docs/world/cns-probe-2026-11-27/cns_rows_probe.py \
         plusdot --steps 1600 --lr 3e-3 --ratio 0.1 --variant no-reg --variant reg --variant generic=0.01
 
-Variants: ``no-reg`` (the bench's cns_no_reg), ``reg`` (the library's L_reg as configured),
+Variants: ``kv`` (every K/V row, no L_reg: the ceiling's learner), ``no-reg`` (the bench's cns_no_reg), ``reg`` (the library's L_reg as configured),
 ``generic=W`` (L_reg with the generic output prior's weight set to W). The pretrained model's
 zero-shot strip comes from the committed tune cache (docs/world/tune-cache).
 """
@@ -27,12 +27,14 @@ parser.add_argument("--token-lr", type=float, default=5e-2)
 parser.add_argument("--ratio", type=float, default=0.06)
 parser.add_argument("--variant", action="append", default=[])
 parser.add_argument("--work", default="/tmp/cns-rows-probe")
+parser.add_argument("--combine", default="alone", choices=("alone", "sequential"),
+                    help="sequential: the one concept in sequence, which also reads zero-shot drift")
 args = parser.parse_args()
 concepts = [c for c in load_concepts() if c.name == args.concept]
 base_images = load_images(Path("docs/world/tune-cache/pretrained-zero-shot.png"))
 make_config = wb.cns_config
 for variant in args.variant or ["reg"]:
-    name = "cns_no_reg" if variant == "no-reg" else "cns"
+    name = {"no-reg": "cns_no_reg", "kv": "naive_kv"}.get(variant, "cns")
     if variant.startswith("generic="):
         weight = float(variant.split("=")[1])
 
@@ -45,9 +47,13 @@ for variant in args.variant or ["reg"]:
     work = Path(args.work) / f"{variant}-{args.ratio:g}-{args.steps}"
     ctx = context(BenchSettings(base_ratio=args.ratio), concepts, work, "cpu")
     start = time.time()
-    run = run_method(replace(METHODS[name], combine="alone"), 0, ctx, base_images, work / "samples.png",
+    # One concept "in sequence": the same learning as alone, plus the zero-shot readings of the
+    # model afterwards (base captions: accuracy and mean pixel change against the pretrained model).
+    run = run_method(replace(METHODS[name], combine=args.combine), 0, ctx, base_images, work / "samples.png",
                      hyper=Hyper(args.lr, args.token_lr, args.steps))
     r = run["final"][0]
+    drift = (f" zero-shot all {run['zero_shot']['all']:.2f} pixel change {run['zero_shot_pixel_change']:.4f}"
+             if "zero_shot" in run else "")
     print(f"{args.concept} {variant} rows {args.ratio:g} ({run['rows'][0]}) {args.steps} steps lr {args.lr:g}: "
-          f"identity {r['identity']:.2f} bitmap {r['bitmap']:.2f} similarity {r['similarity']:.2f} "
+          f"identity {r['identity']:.2f} bitmap {r['bitmap']:.2f} similarity {r['similarity']:.2f}{drift} "
           f"({time.time() - start:.0f} s)", flush=True)
