@@ -341,3 +341,28 @@ def test_a_run_stopped_after_a_concept_resumes_to_the_same_record(tmp_path, name
         record.get("forget", {}).pop("seconds", None)
     assert resumed == whole
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_progress_saved_by_another_run_is_not_resumed(tmp_path):
+    """A run's saved concepts are continued only by the same run: another method, seed, setting
+    or concept order starts over instead of continuing someone else's model."""
+    from types import SimpleNamespace
+
+    from world.bench import METHODS, Hyper, Progress
+
+    hyper = Hyper(1e-2, 5e-3, 8)
+    ctx = SimpleNamespace(concepts=[SimpleNamespace(name=n) for n in ("ringdot", "checker", "arrow")])
+    saved = tmp_path / "k1"
+    saved.mkdir()
+    record = {"method": "naive_kv", "seed": 0, "hyper": {"learning_rate": 1e-2, "token_learning_rate": 5e-3,
+                                                           "steps": 8}, "just_learned": [{"concept": "ringdot"}]}
+    (saved / "record.json").write_text(json.dumps(record))
+    (saved / "state.safetensors").write_text("not read when the run differs")
+    (saved / "done").write_text("")
+    progress = Progress(tmp_path)
+    assert progress.latest() == saved
+    for method, seed, other_hyper, names in [
+            ("cns", 0, hyper, None), ("naive_kv", 1, hyper, None), ("naive_kv", 0, Hyper(3e-3, 5e-3, 8), None),
+            ("naive_kv", 0, hyper, ("checker", "ringdot", "arrow")), ("naive_kv", 0, hyper, ("ringdot",))]:
+        run_ctx = SimpleNamespace(concepts=[SimpleNamespace(name=n) for n in names]) if names else ctx
+        assert progress.load(METHODS[method], run_ctx, None, other_hyper, seed) is None

@@ -395,8 +395,9 @@ class Progress:
 
         n = len(record["just_learned"])
         final = self.folder / f"k{n}"
+        for stale in self.folder.glob(".k*.tmp"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = self.folder / f".k{n}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         tensors: dict[str, torch.Tensor] = {}
         if method.combine == "sequential":
@@ -427,8 +428,10 @@ class Progress:
         tokenizer = cumulative.model.tokenizer
         return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer) - n, len(tokenizer))))
 
-    def load(self, method: Method, ctx: "Context", config: Config):
-        """(record, cumulative model or None, fused, samples) from the newest saved concept, or None."""
+    def load(self, method: Method, ctx: "Context", config: Config, hyper: Hyper, seed: int):
+        """(record, cumulative model or None, fused, samples) from the newest saved concept, or
+        None: also when it was saved by another run (method, seed, settings or concept order), which
+        then starts over rather than continue someone else's."""
         from safetensors.torch import load_file
 
         from cns.delta import add_token
@@ -437,6 +440,12 @@ class Progress:
         if latest is None:
             return None
         record = json.loads((latest / "record.json").read_text())
+        learned = [r["concept"] for r in record["just_learned"]]
+        if (record.get("method"), record.get("seed"), record.get("hyper")) != (method.name, seed, asdict(hyper)) \
+                or learned != [c.name for c in ctx.concepts[:len(learned)]] or len(learned) >= len(ctx.concepts):
+            log.warning("%s: saved by another run (method, seed, settings or concepts differ); starting over",
+                        latest)
+            return None
         tensors = load_file(str(latest / "state.safetensors"))
         n = len(record["just_learned"])
         cumulative, fused, samples = None, [], []
@@ -480,7 +489,7 @@ def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray,
     config = cns_config(settings, work, hyper, seed, ctx.device, method)
     indices = list(range(len(ctx.concepts)))
     saved = Progress(progress) if progress else None
-    resumed = saved.load(method, ctx, config) if saved else None
+    resumed = saved.load(method, ctx, config, hyper, seed) if saved else None
     if resumed:
         record, cumulative, fused, samples = resumed
         record.setdefault("resumed_after", []).append(len(record["just_learned"]))
