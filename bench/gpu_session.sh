@@ -57,11 +57,13 @@ log "tune sweep stopped: $kv kv runs, $all runs in all"
 for k in 0 1; do tail -n 5 "/tmp/shard$k.log" >>"$OUT/session.log"; done
 grep -l Traceback /tmp/shard*.log >/dev/null 2>&1 && { log "a shard failed:"; grep -h -A30 Traceback /tmp/shard*.log | tail -n 40 >>"$OUT/session.log"; }
 # The records, only from complete caches (an assembling run would compute what is missing).
-if [ "$kv" -ge 24 ]; then
+read -r kv_cells all_cells < <(python3 -c "from world.bench import TUNE_GRID as g; from world.sweeps import FAMILY_METHOD as f
+n = len(g['token_learning_rate']) * len(g['steps']); print(len(g['learning_rate']) * n, (len(f) - 1) * len(g['learning_rate']) * n + n)")
+if [ "$kv" -ge "${kv_cells:-1000}" ]; then
   timeout 30 python3 -m flows.cli bench world --sweep gate --device "$DEVICE" --out "$WORLD_OUT" --cache "$CACHE" -q \
     >>"$OUT/session.log" 2>&1 && cp "$WORLD_OUT/gate.json" "$OUT/"
 fi
-if [ "$all" -ge 80 ]; then
+if [ "$all" -ge "${all_cells:-1000}" ]; then
   timeout 30 python3 -m flows.cli bench world --sweep tune --device "$DEVICE" --out "$WORLD_OUT" --cache "$CACHE" -q \
     >>"$OUT/session.log" 2>&1 && cp "$WORLD_OUT/tuned.json" "$OUT/"
 fi

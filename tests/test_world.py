@@ -318,7 +318,8 @@ def test_a_bad_shard_is_one_error_and_writes_nothing(tmp_path, shard):
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("name", ["cns", "naive_kv", "lora_fused"])  # sequential CNS, sequential plain, fused (single-concept runs keep only samples)
+# sequential CNS, sequential plain, fused: the three kinds of saved state (single-concept runs keep only samples)
+@pytest.mark.parametrize("name", ["cns", "naive_kv", "lora_fused"])
 def test_a_run_stopped_after_a_concept_resumes_to_the_same_record(tmp_path, name):
     """The full benchmark runs in parts (issue 9): a run is saved after each concept, and a run
     that resumes from there learns and reads exactly what the uninterrupted run did."""

@@ -375,9 +375,10 @@ class Progress:
     budget, a lent GPU given back) resumes from its last concept instead of from the first.
 
     ``<folder>/k<n>/`` holds the run after ``n`` concepts: ``record.json`` (the readings so far),
-    ``state.safetensors`` (sequential runs: every K/V weight and each learned token's embedding;
-    fused runs: each concept's LoRA delta and token; single-concept runs: the gray samples so far),
-    ``model/`` (CNS runs: the cumulative model folder, lineage and concept files) and ``done``,
+    ``state.safetensors`` (other sequential runs: every K/V weight and each learned token's
+    embedding; fused runs: each concept's LoRA delta and token; single-concept runs: the gray
+    samples so far), ``model/`` (sequential CNS: the cumulative model folder, whose lineage and
+    concept files hold its rows and tokens) and ``done``,
     written last: a folder without it is ignored. The newest complete one is kept. Every concept
     trains from seeds of its own (config seed, concept order), so a resumed run learns what an
     uninterrupted one would."""
@@ -400,13 +401,13 @@ class Progress:
         tmp = self.folder / f".k{n}.{os.getpid()}.tmp"
         tmp.mkdir(parents=True)
         tensors: dict[str, torch.Tensor] = {}
-        if method.combine == "sequential":
+        if method.combine == "sequential" and method.learner == "cns":  # its model folder holds it all
+            shutil.copytree(config.model_dir, tmp / "model")
+        elif method.combine == "sequential":
             tensors |= {f"kv.{layer.name}": layer.linear.weight.detach().cpu() for layer in cumulative.layers}
             embedding = cumulative.model.token_embedding.weight
             for i, token in enumerate(self._tokens(cumulative, n)):
                 tensors[f"token.{i}"] = embedding[cumulative.model.tokenizer.convert_tokens_to_ids(token)].detach().cpu()
-            if method.learner == "cns":
-                shutil.copytree(config.model_dir, tmp / "model")
         elif method.combine == "fused":
             for i, (deltas, token) in enumerate(fused):
                 tensors |= {f"delta.{i}.{name}": d.detach().cpu() for name, d in deltas.items()}
@@ -449,16 +450,16 @@ class Progress:
         tensors = load_file(str(latest / "state.safetensors"))
         n = len(record["just_learned"])
         cumulative, fused, samples = None, [], []
-        if method.combine == "sequential":
-            if method.learner == "cns":
-                shutil.copytree(latest / "model", config.model_dir)
+        if method.combine == "sequential" and method.learner == "cns":  # rows and tokens from its lineage
+            shutil.copytree(latest / "model", config.model_dir)
+            cumulative = open_model(config.model_dir, config)
+        elif method.combine == "sequential":
             cumulative = open_model(config.model_dir, config)
             model = cumulative.model
             with torch.no_grad():
-                if method.learner != "cns":  # CNS's tokens come back with its lineage
-                    for i in range(n):
-                        token_id = add_token(model, ctx.concepts[i].token)
-                        model.token_embedding.weight[token_id] = tensors[f"token.{i}"].to(model.token_embedding.weight)
+                for i in range(n):
+                    token_id = add_token(model, ctx.concepts[i].token)
+                    model.token_embedding.weight[token_id] = tensors[f"token.{i}"].to(model.token_embedding.weight)
                 for layer in cumulative.layers:
                     layer.linear.weight.copy_(tensors[f"kv.{layer.name}"])
         elif method.combine == "fused":
@@ -579,9 +580,24 @@ def cached_run(path: Path, compute, progress: Path | None = None) -> dict:
     return record
 
 
+def method_run(path: Path, method: Method, seed: int, ctx: Context, base_images: np.ndarray,
+               hyper: Hyper | None = None) -> dict:
+    """:func:`run_method`'s record, cached at ``path``, its samples beside it
+    (``<stem>-samples.png``), saved after every concept in ``<stem>.progress`` until the record is in."""
+    progress = path.with_suffix(".progress")
+    samples = path.with_name(f"{path.stem}-samples.png")
+    return cached_run(path, lambda: run_method(method, seed, ctx, base_images, samples, hyper=hyper, progress=progress),
+                      progress=progress)
+
+
 def shard_work(shard: tuple[int, int] | None) -> str:
     """The scratch folder (in the cache) of one process: shards side by side never share one."""
     return f".work-shard{shard[0]}of{shard[1]}" if shard else ".work"
+
+
+def in_shard(shard: tuple[int, int] | None, index: int) -> bool:
+    """Whether run ``index`` of a sweep is this process's: every n-th from the k-th (all without a shard)."""
+    return shard is None or index % shard[1] == shard[0]
 
 
 def _device_name(device: str) -> str:
@@ -646,14 +662,10 @@ def run_benchmark(settings: BenchSettings, out: Path, cache: Path | None = None,
     runs = {}
     for i, (name, seed) in enumerate((n, s) for n in settings.methods for s in settings.seeds):
         method = METHODS[name]
-        if shard and i % shard[1] != shard[0]:
+        if not in_shard(shard, i):
             continue
         t = time.perf_counter()
-        samples = cache / name / f"seed{seed}-samples.png"
-        partial = cache / name / f"seed{seed}.progress"
-        runs[(name, seed)] = cached_run(cache / name / f"seed{seed}.json",
-                                        lambda: run_method(method, seed, ctx, base_images, samples, progress=partial),
-                                        progress=partial)
+        runs[(name, seed)] = method_run(cache / name / f"seed{seed}.json", method, seed, ctx, base_images)
         log.info("%s seed %d: %.0fs", name, seed, time.perf_counter() - t)
     if shard:
         return out

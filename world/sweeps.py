@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from world.bench import (METHODS, TUNE_GRID, VALIDATION, BenchSettings, Hyper, baseline, cached_run, context,
-                         load_images, run_method, shard_work)
+from world.bench import (METHODS, TUNE_GRID, VALIDATION, BenchSettings, Hyper, baseline, context, in_shard,
+                         load_images, method_run, shard_work)
 from world.report import _cells, fmt, interval, paired, save_figure
 from world.scene import load_concepts
 
@@ -53,15 +53,11 @@ def tune(settings: BenchSettings, out: Path, cache: Path, device: str = "cpu", g
              for token_lr in TUNE_GRID["token_learning_rate"] for n in steps]
     results, candidates = [], {}
     for i, (family, lr, token_lr, n) in enumerate(cells):
-        hyper = Hyper(lr, token_lr, n)
-        tag = f"{family}-lr{lr:g}-tok{token_lr:g}-steps{n}"
-        if shard and i % shard[1] != shard[0]:
+        if not in_shard(shard, i):
             continue
-        name = FAMILY_METHOD[family]
-        partial = cache / f"{tag}.progress"
-        run = cached_run(cache / f"{tag}.json", lambda: run_method(
-            _alone(name), 0, ctx, base_images, cache / f"{tag}-samples.png", hyper=hyper, progress=partial),
-            progress=partial)
+        hyper, name = Hyper(lr, token_lr, n), FAMILY_METHOD[family]
+        run = method_run(cache / f"{family}-lr{lr:g}-tok{token_lr:g}-steps{n}.json", _alone(name), 0, ctx,
+                         base_images, hyper=hyper)
         gain = float(np.mean(_cells({(name, 0): run}, name, "final", "bitmap_gain", base)))
         results.append({"family": family, **asdict(hyper), "bitmap_gain": gain,
                         "identity": float(np.mean([r["identity"] for r in run["final"]])),
@@ -107,24 +103,18 @@ def budget_curve(settings: BenchSettings, out: Path, cache: Path, device: str = 
     ctx = context(settings, concepts, cache / shard_work(shard), device)
     base = baseline(ctx, cache)
     base_images = load_images(cache / "pretrained-zero-shot.png")
-    cells: dict[tuple[float, str], np.ndarray] = {}
-    index = itertools.count()
-    for ratio, rows in itertools.product(BUDGETS, ROWS):
+    runs: dict[tuple[str, int], dict] = {}
+    for i, (ratio, rows, seed) in enumerate(itertools.product(BUDGETS, ROWS, settings.seeds)):
+        if not in_shard(shard, i):
+            continue
         name = f"rows-{rows}-{ratio:g}"
-        method = replace(_alone("cns", rows=rows), name=name)
         ctx.settings = replace(settings, base_ratio=ratio)
-        runs = {}
-        for seed in settings.seeds:
-            if shard and next(index) % shard[1] != shard[0]:
-                continue
-            partial = cache / name / f"seed{seed}.progress"
-            runs[(name, seed)] = cached_run(cache / name / f"seed{seed}.json", lambda: run_method(
-                method, seed, ctx, base_images, cache / name / f"seed{seed}-samples.png", progress=partial),
-                progress=partial)
-        if not shard:
-            cells[(ratio, rows)] = _cells(runs, name, "final", "bitmap_gain", base)
+        runs[(name, seed)] = method_run(cache / name / f"seed{seed}.json", replace(_alone("cns", rows=rows), name=name),
+                                        seed, ctx, base_images)
     if shard:
         return None
+    cells = {(b, r): _cells(runs, f"rows-{r}-{b:g}", "final", "bitmap_gain", base)
+             for b, r in itertools.product(BUDGETS, ROWS)}
     record = {"budgets": list(BUDGETS), "rows": list(ROWS), "concepts": [c.name for c in concepts],
               "seeds": settings.seeds,
               "bitmap_gain": {f"{r}@{b:g}": interval(v) for (b, r), v in cells.items()},
