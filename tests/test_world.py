@@ -345,25 +345,65 @@ def test_a_run_stopped_after_a_concept_resumes_to_the_same_record(tmp_path, name
 
 
 def test_progress_saved_by_another_run_is_not_resumed(tmp_path):
-    """A run's saved concepts are continued only by the same run: another method, seed, setting
-    or concept order starts over instead of continuing someone else's model."""
+    """A run's saved concepts are continued only by the same run: another method, seed, setting,
+    model or concept order starts over instead of continuing someone else's model."""
     from types import SimpleNamespace
 
-    from world.bench import METHODS, Hyper, Progress
+    from world.bench import METHODS, BenchSettings, Hyper, Progress, run_key
 
     hyper = Hyper(1e-2, 5e-3, 8)
-    ctx = SimpleNamespace(concepts=[SimpleNamespace(name=n) for n in ("ringdot", "checker", "arrow")])
+
+    def run_ctx(names=("ringdot", "checker", "arrow"), digest="model-a", **settings):
+        return SimpleNamespace(concepts=[SimpleNamespace(name=n) for n in names], model_digest=digest,
+                               settings=BenchSettings(**settings), work=tmp_path / "work")
+
     saved = tmp_path / "k1"
     saved.mkdir()
     record = {"method": "naive_kv", "seed": 0, "hyper": {"learning_rate": 1e-2, "token_learning_rate": 5e-3,
-                                                           "steps": 8}, "just_learned": [{"concept": "ringdot"}]}
+                                                           "steps": 8},
+              "key": run_key(run_ctx(), METHODS["naive_kv"], 0, hyper), "just_learned": [{"concept": "ringdot"}]}
     (saved / "record.json").write_text(json.dumps(record))
     (saved / "state.safetensors").write_text("not read when the run differs")
     (saved / "done").write_text("")
     progress = Progress(tmp_path)
     assert progress.latest() == saved
-    for method, seed, other_hyper, names in [
-            ("cns", 0, hyper, None), ("naive_kv", 1, hyper, None), ("naive_kv", 0, Hyper(3e-3, 5e-3, 8), None),
-            ("naive_kv", 0, hyper, ("checker", "ringdot", "arrow")), ("naive_kv", 0, hyper, ("ringdot",))]:
-        run_ctx = SimpleNamespace(concepts=[SimpleNamespace(name=n) for n in names]) if names else ctx
-        assert progress.load(METHODS[method], run_ctx, None, other_hyper, seed) is None
+    for method, seed, other_hyper, ctx in [
+            ("cns", 0, hyper, run_ctx()), ("naive_kv", 1, hyper, run_ctx()),
+            ("naive_kv", 0, Hyper(3e-3, 5e-3, 8), run_ctx()),
+            ("naive_kv", 0, hyper, run_ctx(("checker", "ringdot", "arrow"))), ("naive_kv", 0, hyper, run_ctx(("ringdot",))),
+            ("naive_kv", 0, hyper, run_ctx(digest="model-b")), ("naive_kv", 0, hyper, run_ctx(batch_size=8))]:
+        assert progress.load(METHODS[method], ctx, None, other_hyper, seed) is None
+
+
+def test_a_cached_run_is_reused_only_under_the_settings_it_was_computed_with(tmp_path):
+    """Changing a default (L_reg's weights, the row budget, the model) must never mix old and new
+    numbers: a cached record under another key is computed again, and the key changes with every
+    setting that decides a run's numbers but not with the device."""
+    from types import SimpleNamespace
+
+    from world.bench import METHODS, BenchSettings, Hyper, cached_run, run_key
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"runs": len(calls)}
+
+    path = tmp_path / "run.json"
+    assert cached_run(path, compute, "a")["runs"] == 1
+    assert cached_run(path, compute, "a")["runs"] == 1  # reused
+    assert cached_run(path, compute, "b") == {"runs": 2, "key": "b"}
+    assert json.loads(path.read_text()) == {"runs": 2, "key": "b"}
+
+    def key(method="cns", seed=0, hyper=None, digest="m", device="cpu", **settings):
+        hyper = hyper or Hyper(1e-2, 5e-3, 8)
+        ctx = SimpleNamespace(concepts=[SimpleNamespace(name="bowtie")], model_digest=digest, device=device,
+                              settings=BenchSettings(**settings), work=tmp_path / "work")
+        return run_key(ctx, METHODS[method], seed, hyper)
+
+    same = key()
+    assert key(device="cuda") == same
+    others = [key("cns_no_reg"), key("cns_random"), key(seed=1), key(hyper=Hyper(3e-3, 5e-3, 8)),
+              key(hyper=Hyper(1e-2, 5e-3, 16)), key(digest="n"), key(base_ratio=0.1), key(batch_size=2),
+              key(noise_per_background=2)]
+    assert same not in others and len(set(others)) == len(others)

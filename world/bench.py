@@ -23,6 +23,7 @@ The protocol (docs/world.md):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -253,6 +254,7 @@ class Context:
     settings: BenchSettings
     work: Path
     device: str = "cpu"
+    model_digest: str = ""  # of the model's weight files: a cached run of another model is not reused
 
 
 def concept_readings(model, ctx: Context, indices: list[int]) -> list[dict]:
@@ -442,7 +444,7 @@ class Progress:
             return None
         record = json.loads((latest / "record.json").read_text())
         learned = [r["concept"] for r in record["just_learned"]]
-        if (record.get("method"), record.get("seed"), record.get("hyper")) != (method.name, seed, asdict(hyper)) \
+        if (record.get("method"), record.get("seed"), record.get("key")) != (method.name, seed, run_key(ctx, method, seed, hyper)) \
                 or learned != [c.name for c in ctx.concepts[:len(learned)]] or len(learned) >= len(ctx.concepts):
             log.warning("%s: saved by another run (method, seed, settings or concepts differ); starting over",
                         latest)
@@ -497,7 +499,8 @@ def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray,
         log.info("%s seed %d: resumed after %d of %d concepts", method.name, seed, len(record["just_learned"]),
                  len(indices))
     else:
-        record = {"method": method.name, "seed": seed, "hyper": asdict(hyper), "just_learned": [], "rows": [],
+        record = {"method": method.name, "seed": seed, "hyper": asdict(hyper), "key": run_key(ctx, method, seed, hyper),
+                  "just_learned": [], "rows": [],
                   "rows_per_layer": [], "train_seconds": 0.0, "device": _device_name(ctx.device)}
         cumulative = open_model(config.model_dir, config)
         fused, samples = [], []
@@ -565,12 +568,17 @@ def load_images(path: Path) -> np.ndarray:
     return np.stack([strip[:, i:i + size] for i in range(0, strip.shape[1], size)])
 
 
-def cached_run(path: Path, compute, progress: Path | None = None) -> dict:
-    """``path``'s record, or ``compute()``'s, written whole to ``path``; the run's saved progress
-    (``progress``, see :class:`Progress`) is removed once its record is in."""
+def cached_run(path: Path, compute, key: str, progress: Path | None = None) -> dict:
+    """``path``'s record when it was computed under ``key`` (:func:`run_key`), else ``compute()``'s,
+    written whole to ``path``; the run's saved progress (``progress``, see :class:`Progress`) is
+    removed once its record is in."""
     if path.is_file():
-        return json.loads(path.read_text())
-    record = compute()
+        record = json.loads(path.read_text())
+        if record.get("key") == key:
+            return record
+        log.warning("%s was computed under other settings (model, method or training settings differ); "
+                    "computing it again", path)
+    record = compute() | {"key": key}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # shards of one sweep share the cache
     tmp.write_text(json.dumps(record) + "\n")
@@ -587,7 +595,7 @@ def method_run(path: Path, method: Method, seed: int, ctx: Context, base_images:
     progress = path.with_suffix(".progress")
     samples = path.with_name(f"{path.stem}-samples.png")
     return cached_run(path, lambda: run_method(method, seed, ctx, base_images, samples, hyper=hyper, progress=progress),
-                      progress=progress)
+                      run_key(ctx, method, seed, hyper), progress=progress)
 
 
 def shard_work(shard: tuple[int, int] | None) -> str:
@@ -619,7 +627,41 @@ def context(settings: BenchSettings, concepts: list[WorldConcept], work: Path, d
     judge = load_judge()
     references, _ = reference_embeddings(judge, concepts, dirs)
     return Context(judge=judge, concepts=concepts, dirs=dirs, references=references, settings=settings, work=work,
-                   device=device)
+                   device=device, model_digest=model_digest(Path(settings.model_dir)))
+
+
+def model_digest(folder: Path) -> str:
+    """sha256 over a model folder's weight files (names and bytes): which model a run learned on."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(str(path.relative_to(folder)).encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def run_key(ctx: Context, method: Method | None = None, seed: int = 0, hyper: Hyper | None = None) -> str:
+    """A digest of everything that decides a cached run's numbers: the model, the concepts, the
+    samples read, and for a method run the method, seed, steps and rates and every training,
+    scoring, selection and calibration setting (L_reg's weights, the row budget, ...). A cached
+    record with another key was computed under other settings and is computed again, so changing
+    a default can never mix old and new numbers in one record. The device is not part of it."""
+    settings = ctx.settings
+    what: dict = {"model": ctx.model_digest, "concepts": [c.name for c in ctx.concepts],
+                  "images_per_concept": settings.images_per_concept,
+                  "noise_per_background": settings.noise_per_background}
+    if method is not None:
+        hyper = hyper or hyper_for(method, settings)
+        config = cns_config(settings, ctx.work / "key", hyper, seed, "cpu", method)  # (writes the calibration captions, as a run does)
+        calibration = asdict(config.calibration)
+        calibration.pop("prompts_file")  # a scratch path; its captions come from the code
+        what |= {"method": {k: v for k, v in asdict(method).items() if k not in ("name", "about")},
+                 "seed": seed, "hyper": asdict(hyper), "lora_rank": settings.lora_rank,
+                 "train": {k: v for k, v in asdict(config.train).items() if k != "log_every"},
+                 "scoring": asdict(config.scoring), "selection": asdict(config.selection),
+                 "calibration": calibration}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def baseline(ctx: Context, cache: Path) -> dict:
@@ -634,7 +676,7 @@ def baseline(ctx: Context, cache: Path) -> dict:
         save_images(gray_samples(base.model, ctx, list(range(len(ctx.concepts)))), cache / "pretrained-samples.png")
         return {"zero_shot": accuracy, "fresh_similarity": fresh,
                 "concepts": concept_readings(base.model, ctx, list(range(len(ctx.concepts))))}
-    return cached_run(cache / "pretrained.json", compute)
+    return cached_run(cache / "pretrained.json", compute, run_key(ctx))
 
 
 def run_benchmark(settings: BenchSettings, out: Path, cache: Path | None = None, device: str = "cpu",
