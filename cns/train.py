@@ -42,11 +42,17 @@ class TrainableRows(nn.Module):
         if linear.bias is not None:
             self.register_buffer("frozen_bias", linear.bias.detach()[index].clone())
             self.bias = nn.Parameter(self.frozen_bias.float().clone())
+        self.projector: torch.Tensor | None = None  # (in, in): row changes keep only these input directions
         self.handle = linear.register_forward_hook(self.hook)
+
+    def moved(self) -> torch.Tensor:
+        """The change of the rows' weights that applies: confined to the projector's directions."""
+        moved = self.weight - self.frozen_weight.float()
+        return moved if self.projector is None else moved @ self.projector
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        delta_w = (self.weight - self.frozen_weight).to(x.dtype)
+        delta_w = self.moved().to(x.dtype)
         delta_b = None if self.bias is None else (self.bias - self.frozen_bias).to(x.dtype)
         return output.index_add(output.dim() - 1, self.index, F.linear(x, delta_w, delta_b).to(output.dtype))
 
@@ -54,10 +60,11 @@ class TrainableRows(nn.Module):
     def release(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Remove the hook and write the trained rows into the layer (exact copies)."""
         self.handle.remove()
-        linear.weight.index_copy_(0, self.index, self.weight.to(linear.weight.dtype))
+        new = (self.frozen_weight.float() + self.moved()).to(linear.weight.dtype)
+        linear.weight.index_copy_(0, self.index, new)
         if self.bias is not None:
             linear.bias.index_copy_(0, self.index, self.bias.to(linear.bias.dtype))
-        weight = self.weight.detach().to(linear.weight.dtype).cpu()
+        weight = new.detach().cpu()
         bias = None if self.bias is None else self.bias.detach().to(linear.bias.dtype).cpu()
         return weight, bias
 
@@ -118,6 +125,12 @@ def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_
         index = concept[layer.name].nonzero().flatten()
         trained[layer.name] = TrainableRows(layer.linear, index)
         pretrained_rows[layer.name] = pretrained[layer.name][index.cpu()].to(device).float()
+    projector, protected = protected_projector([generic_prompt_states, earlier_prompt_states], config.protected_energy,
+                                               device)
+    for rows in trained.values():
+        rows.projector = projector
+    if projector is not None:
+        log.debug("row changes confined to %d of %d text-state directions", len(projector) - protected, len(projector))
     embedding = model.token_embedding
     token = TrainableToken(embedding, token_id)
 
@@ -164,6 +177,37 @@ def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_
                        optimizer_state_bytes=state_bytes)
 
 
+def protected_projector(groups: list[torch.Tensor | None], energy: float,
+                        device: torch.device | str = "cpu") -> tuple[torch.Tensor | None, int]:
+    """``(P, k)``: ``P = I - U U^T`` projects a K/V row's weight change off ``k`` protected
+    text-state directions ``U`` (None when ``energy`` is 0). For each group of states in turn
+    (generic captions, then earlier concepts' prompts), ``U`` gains the fewest directions that hold
+    ``energy`` of the group's state energy together with ``U`` so far. A row change ``dW P`` leaves the row's
+    output on a protected state unchanged up to the energy left out, so other prompts and earlier
+    concepts keep their K/V outputs *exactly*, not by a penalty that fights the concept's loss, and
+    rows may be shared; the new token (in no protected prompt) reads the free directions. This is
+    null-space training as in continual learning (Wang et al., CVPR 2021, arXiv 2103.07113) and
+    model editing (AlphaEdit, ICLR 2025, arXiv 2410.02355)."""
+    found = [g for g in groups if g is not None and len(g)]
+    if not energy or not found:
+        return None, 0
+    dim = found[0].shape[-1]
+    basis = torch.zeros(dim, 0, dtype=torch.float64)
+    for states in found:
+        states = states.detach().to("cpu", torch.float64)
+        rest = states - (states @ basis) @ basis.T
+        values, vectors = torch.linalg.eigh(rest.T @ rest)
+        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+        # The fewest directions after which what is left of the group is at most 1 - energy of
+        # its whole state energy (not of its residual: a group the basis already covers adds none).
+        allowed = (1 - energy) * float(states.pow(2).sum())
+        left = values.sum() - values.cumsum(0)  # left[i]: energy outside the top i + 1 directions
+        keep = 0 if float(values.sum()) <= allowed else int((left > allowed).sum()) + 1
+        basis = torch.cat([basis, vectors[:, :min(keep, dim - basis.shape[1])]], dim=1)
+    projector = torch.eye(dim, dtype=torch.float64) - basis @ basis.T
+    return projector.float().to(device), basis.shape[1]
+
+
 def regularization(trained: dict[str, TrainableRows], pretrained_rows: dict[str, torch.Tensor],
                    earlier_prompt_states: torch.Tensor | None, generic_prompt_states: torch.Tensor | None,
                    config: TrainConfig) -> torch.Tensor:
@@ -188,11 +232,11 @@ def regularization(trained: dict[str, TrainableRows], pretrained_rows: dict[str,
     outputs = {"earlier": (earlier_prompt_states, config.reg_output_weight, []),
                "generic": (generic_prompt_states, config.reg_generic_weight, [])}
     for name, rows in trained.items():
-        moved = rows.weight - rows.frozen_weight.float()
+        moved = rows.moved()
         if config.reg_previous_weight:
             previous = previous + moved.pow(2).sum()
         if config.reg_pretrained_weight:
-            pretrained = pretrained + (rows.weight - pretrained_rows[name]).pow(2).sum()
+            pretrained = pretrained + (rows.frozen_weight.float() + moved - pretrained_rows[name]).pow(2).sum()
         for states, weight, terms in outputs.values():
             if weight and states is not None and len(states):
                 terms.append((states.to(device).float() @ moved.T).pow(2))

@@ -202,3 +202,49 @@ def test_activation_scorer_selects_the_same_number_of_base_neurons(tmp_path):
     selection = select(cumulative, scores, general(cumulative, config)[0], config)
     for layer in cumulative.layers:
         assert int(selection.base[layer.name].sum()) == rows_for_ratio(layer.rows, config.scoring.base_ratio)
+
+
+def _relative_output_change(states: torch.Tensor, before: dict, after: dict) -> float:
+    """||states @ dW^T|| / (||states|| ||dW||) over every K/V layer's changed rows."""
+    num = den = 0.0
+    for name in before:
+        delta = (after[name] - before[name]).float()
+        num += float((states.float() @ delta.T).pow(2).sum())
+        den += float(states.float().pow(2).sum()) * float(delta.pow(2).sum())
+    return (num / den) ** 0.5 if den else 0.0
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_null_space_rows_leave_protected_prompts_k_v_outputs_unchanged(tmp_path, share):
+    """train.protected_energy: a row's change may not use the directions that hold 99% of the
+    generic captions' text states, then of earlier concepts' prompts, so what those prompts read
+    from K/V stays put (also when a later concept retrains shared rows), while the rows still move."""
+    from dataclasses import replace
+
+    from cns.concept import load_concept
+    from cns.cumulative import open_model
+    from cns.learn import earlier_prompt_states, generic_prompt_states, learn_into
+
+    def weights(cumulative):
+        return {layer.name: layer.linear.weight.detach().clone() for layer in cumulative.layers}
+
+    changes = {}
+    for energy in (0.0, 0.99):
+        config = small_config(tmp_path / f"e{energy}", train={"protected_energy": energy, "learning_rate": 1e-2,
+                                                              "reg_previous_weight": 0.0, "reg_pretrained_weight": 0.0,
+                                                              "reg_output_weight": 0.0, "reg_generic_weight": 0.0},
+                              selection={"exclude_owned": not share})
+        cumulative = open_model(config.model_dir, config)
+        learn_into(cumulative, load_concept(SAMPLES / "dog", config.limits), config, "d1", progress=False)
+        measure = replace(config, train=replace(config.train, protected_energy=0.99))  # the same states either way
+        generic, earlier = generic_prompt_states(cumulative, measure), earlier_prompt_states(cumulative, measure)
+        before = weights(cumulative)
+        learn_into(cumulative, load_concept(SAMPLES / "cat2", config.limits), config, "d2", progress=False)
+        after = weights(cumulative)
+        moved = sum(float((after[n] - before[n]).abs().sum()) for n in before)
+        changes[energy] = (_relative_output_change(generic, before, after),
+                           _relative_output_change(earlier, before, after), moved)
+    (generic_free, earlier_free, moved_free), (generic_kept, earlier_kept, moved_kept) = changes[0.0], changes[0.99]
+    assert moved_kept > 0.1 * moved_free > 0, "the rows must still learn"
+    assert generic_kept <= 0.1 < generic_free, changes  # at most sqrt(1 - 0.99) by construction
+    assert earlier_kept <= 0.1 < earlier_free, changes
