@@ -107,8 +107,10 @@ class TrainConfig:
     reg_generic_prompts: int = 32
     # Null-space rows (cns.train.protected_projector): 0 = off; e.g. 0.99 = a row's weight change
     # may not use the text-state directions that hold 99% of the generic captions' state energy
-    # (and then of earlier concepts' prompts'), so those prompts keep their K/V outputs exactly.
-    protected_energy: float = 0.0
+    # (protect_generic; the same reg_generic_prompts captions) or of earlier concepts' prompts'
+    # (protect_earlier), so those prompts keep their K/V outputs exactly.
+    protect_generic: float = 0.0
+    protect_earlier: float = 0.0
     prompt_template: str = "a photo of a {token} {class_noun}"
     log_every: int = 10
 
@@ -208,7 +210,8 @@ class Config:
               "model.device", "must be auto, cpu, cuda[:N] or mps")
         check(self.train.max_train_steps >= 0, "train.max_train_steps", "must be >= 0")
         check(self.train.train_batch_size >= 1, "train.train_batch_size", "must be >= 1")
-        check(0 <= self.train.protected_energy < 1, "train.protected_energy", "must be in [0, 1)")
+        check(0 <= self.train.protect_generic < 1, "train.protect_generic", "must be in [0, 1)")
+        check(0 <= self.train.protect_earlier < 1, "train.protect_earlier", "must be in [0, 1)")
         check(self.scoring.num_score_samples >= 1, "scoring.num_score_samples", "must be >= 1")
         check(1 <= self.limits.min_images <= self.limits.max_images, "limits.min_images", "must be between 1 and limits.max_images")
         check("{token}" in self.train.prompt_template, "train.prompt_template", "must contain {token}")

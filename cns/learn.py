@@ -135,7 +135,7 @@ def select(cumulative: CumulativeModel, scores, general_mask: Mask, config: Conf
 
 def earlier_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.Tensor | None:
     """Text states of earlier concepts' prompts (their real tokens), for L_reg's output term."""
-    if not cumulative.lineage.concepts or not (config.train.reg_output_weight or config.train.protected_energy):
+    if not cumulative.lineage.concepts or not (config.train.reg_output_weight or config.train.protect_earlier):
         return None
     prompts = []
     for record in cumulative.lineage.concepts:
@@ -147,7 +147,7 @@ def earlier_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.
 def generic_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.Tensor | None:
     """Text states of up to ``train.reg_generic_prompts`` calibration captions (an even spread of
     the set), for L_reg's generic output prior: what K/V rows return for ordinary prompts."""
-    if not (config.train.reg_generic_weight or config.train.protected_energy) or not config.train.reg_generic_prompts:
+    if not (config.train.reg_generic_weight or config.train.protect_generic) or not config.train.reg_generic_prompts:
         return None
     prompts = load_calibration_prompts(config.calibration.prompts_file)
     step = max(1, len(prompts) // config.train.reg_generic_prompts)

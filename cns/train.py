@@ -125,8 +125,8 @@ def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_
         index = concept[layer.name].nonzero().flatten()
         trained[layer.name] = TrainableRows(layer.linear, index)
         pretrained_rows[layer.name] = pretrained[layer.name][index.cpu()].to(device).float()
-    projector, protected = protected_projector([generic_prompt_states, earlier_prompt_states], config.protected_energy,
-                                               device)
+    projector, protected = protected_projector([(generic_prompt_states, config.protect_generic),
+                                                (earlier_prompt_states, config.protect_earlier)], device)
     for rows in trained.values():
         rows.projector = projector
     if projector is not None:
@@ -177,23 +177,24 @@ def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_
                        optimizer_state_bytes=state_bytes)
 
 
-def protected_projector(groups: list[torch.Tensor | None], energy: float,
+def protected_projector(groups: list[tuple[torch.Tensor | None, float]],
                         device: torch.device | str = "cpu") -> tuple[torch.Tensor | None, int]:
     """``(P, k)``: ``P = I - U U^T`` projects a K/V row's weight change off ``k`` protected
-    text-state directions ``U`` (None when ``energy`` is 0). For each group of states in turn
-    (generic captions, then earlier concepts' prompts), ``U`` gains the fewest directions that hold
-    ``energy`` of the group's state energy together with ``U`` so far. A row change ``dW P`` leaves the row's
+    text-state directions ``U`` (None when no group is protected). For each ``(states, energy)``
+    in turn (generic captions, then earlier concepts' prompts; energy 0 = that group is not
+    protected), ``U`` gains the fewest directions that, together with ``U`` so far, hold
+    ``energy`` of the group's state energy. A row change ``dW P`` leaves the row's
     output on a protected state unchanged up to the energy left out, so other prompts and earlier
     concepts keep their K/V outputs *exactly*, not by a penalty that fights the concept's loss, and
     rows may be shared; the new token (in no protected prompt) reads the free directions. This is
     null-space training as in continual learning (Wang et al., CVPR 2021, arXiv 2103.07113) and
     model editing (AlphaEdit, ICLR 2025, arXiv 2410.02355)."""
-    found = [g for g in groups if g is not None and len(g)]
-    if not energy or not found:
+    found = [(states, energy) for states, energy in groups if energy and states is not None and len(states)]
+    if not found:
         return None, 0
-    dim = found[0].shape[-1]
+    dim = found[0][0].shape[-1]
     basis = torch.zeros(dim, 0, dtype=torch.float64)
-    for states in found:
+    for states, energy in found:
         states = states.detach().to("cpu", torch.float64)
         rest = states - (states @ basis) @ basis.T
         values, vectors = torch.linalg.eigh(rest.T @ rest)

@@ -216,7 +216,7 @@ def _relative_output_change(states: torch.Tensor, before: dict, after: dict) -> 
 
 @pytest.mark.parametrize("share", [False, True])
 def test_null_space_rows_leave_protected_prompts_k_v_outputs_unchanged(tmp_path, share):
-    """train.protected_energy: a row's change may not use the directions that hold 99% of the
+    """train.protect_generic / protect_earlier: a row's change may not use the directions that hold 99% of the
     generic captions' text states, then of earlier concepts' prompts, so what those prompts read
     from K/V stays put (also when a later concept retrains shared rows), while the rows still move."""
     from dataclasses import replace
@@ -230,13 +230,14 @@ def test_null_space_rows_leave_protected_prompts_k_v_outputs_unchanged(tmp_path,
 
     changes = {}
     for energy in (0.0, 0.99):
-        config = small_config(tmp_path / f"e{energy}", train={"protected_energy": energy, "learning_rate": 1e-2,
+        config = small_config(tmp_path / f"e{energy}", train={"protect_generic": energy, "protect_earlier": energy,
+                                                              "learning_rate": 1e-2,
                                                               "reg_previous_weight": 0.0, "reg_pretrained_weight": 0.0,
                                                               "reg_output_weight": 0.0, "reg_generic_weight": 0.0},
                               selection={"exclude_owned": not share})
         cumulative = open_model(config.model_dir, config)
         learn_into(cumulative, load_concept(SAMPLES / "dog", config.limits), config, "d1", progress=False)
-        measure = replace(config, train=replace(config.train, protected_energy=0.99))  # the same states either way
+        measure = replace(config, train=replace(config.train, protect_generic=0.99, protect_earlier=0.99))  # the same states either way
         generic, earlier = generic_prompt_states(cumulative, measure), earlier_prompt_states(cumulative, measure)
         before = weights(cumulative)
         learn_into(cumulative, load_concept(SAMPLES / "cat2", config.limits), config, "d2", progress=False)
