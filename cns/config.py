@@ -240,6 +240,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if tp in (str, bool) and isinstance(value, tp):
         return value
+    if (tp is dict or typing.get_origin(tp) is dict) and isinstance(value, dict):  # checked by its reader
+        return value
     if typing.get_origin(tp) is list and isinstance(value, list):
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]

@@ -60,7 +60,7 @@ class TrainableRows(nn.Module):
     def release(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Remove the hook and write the trained rows into the layer (exact copies)."""
         self.handle.remove()
-        new = (self.frozen_weight.float() + self.moved()).to(linear.weight.dtype)
+        new = (self.weight if self.projector is None else self.frozen_weight.float() + self.moved()).to(linear.weight.dtype)
         linear.weight.index_copy_(0, self.index, new)
         if self.bias is not None:
             linear.bias.index_copy_(0, self.index, self.bias.to(linear.bias.dtype))

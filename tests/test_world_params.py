@@ -68,3 +68,31 @@ def test_dvc_sees_a_changed_world_param_in_the_stages_that_read_it(tmp_path):
         data["world"]["pretrain"]["seed"] = 1
         (world / "params.yaml").write_text(yaml.safe_dump(data))
         assert "world.pretrain" in str(pretrain.status())
+
+
+@pytest.mark.parametrize("cns, message", [
+    ({"train": {"reg_generic_wieght": 0.0}}, "world.bench.cns.train.reg_generic_wieght"),
+    ({"selection": {"exclude_owned": "no"}}, "world.bench.cns.selection.exclude_owned"),
+    ({"trian": {}}, "world.bench.cns.trian")])
+def test_the_world_s_cns_settings_are_checked_like_params_yaml(tmp_path, cns, message):
+    data = yaml.safe_load(PARAMS_FILE.read_text())
+    data["world"]["bench"]["cns"] = cns
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message) as error:
+        bench_settings(path)
+    assert str(path) in str(error.value)
+
+
+def test_the_world_s_cns_settings_reach_every_cns_run(tmp_path):
+    from world.bench import METHODS, Hyper, cns_config
+
+    settings = BenchSettings(cns={"train": {"protect_earlier": 0.99, "reg_generic_weight": 0.0},
+                                  "selection": {"exclude_owned": False}})
+    hyper = Hyper(3e-3, 5e-2, 8)
+    config = cns_config(settings, tmp_path / "w", hyper, 0, method=METHODS["cns"])
+    assert (config.train.protect_earlier, config.train.reg_generic_weight, config.selection.exclude_owned) == \
+        (0.99, 0.0, False)
+    assert (config.train.learning_rate, config.train.max_train_steps) == (3e-3, 8)  # the tuned values win
+    plain = cns_config(settings, tmp_path / "w", hyper, 0, method=METHODS["cns_no_reg"])
+    assert plain.train.reg_previous_weight == plain.train.reg_output_weight == 0.0  # the ablation drops L_reg

@@ -118,6 +118,10 @@ class BenchSettings:
     tuned: str | None = "docs/world/tuned.json"
     # Refuse a full run until `--sweep tune` found the ceiling learning (tuned.json's gate).
     require_gate: bool = True
+    # The library settings (cns/config.py sections) every CNS run of this world uses, over the
+    # library's defaults: data/world/params.yaml says which and why. Rates and steps come from the
+    # tune sweep; a non-regularized method (cns_no_reg) still drops L_reg's penalty terms.
+    cns: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def smoke(cls) -> "BenchSettings":
@@ -157,15 +161,18 @@ def cns_config(settings: BenchSettings, work: Path, hyper: Hyper, seed: int, dev
         train |= {"reg_previous_weight": 0.0, "reg_pretrained_weight": 0.0, "reg_output_weight": 0.0,
                   "reg_generic_weight": 0.0}
     scorer = "gradient" if method is not None and method.rows == "gradient" else "taylor"
-    return config_from_dict({
+    data = {section: dict(values) for section, values in settings.cns.items()}
+    data.setdefault("scoring", {}).update(base_ratio=settings.base_ratio, scorer=scorer)
+    data.setdefault("train", {}).update(train)
+    data.update({
         "model": {"pretrained_model_name_or_path": settings.model_dir, "device": device, "mixed_precision": "no"},
         "model_dir": str(work / "model"), "cache_dir": str(work.parent / "cache"),
-        "scoring": {"base_ratio": settings.base_ratio, "scorer": scorer},
-        "calibration": {"prompts_file": str(world_calibration_prompts(work.parent / "calibration.txt"))},
-        "train": train,
+        "calibration": data.get("calibration", {}) | {
+            "prompts_file": str(world_calibration_prompts(work.parent / "calibration.txt"))},
         "evaluate": {"holdout_images": 1},
         "limits": {"min_images": 3},
-    }, source="world bench")
+    })
+    return config_from_dict(data, source="world bench")
 
 
 # ---- LoRA on the K/V projections (baselines) --------------------------------------------------
@@ -641,12 +648,18 @@ def model_digest(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+# Settings added after cells were cached, and the value at which they change nothing.
+ADDED_OFF = {"train.protect_generic": 0.0, "train.protect_earlier": 0.0}
+
+
 def run_key(ctx: Context, method: Method | None = None, seed: int = 0, hyper: Hyper | None = None) -> str:
     """A digest of everything that decides a cached run's numbers: the model, the concepts, the
     samples read, and for a method run the method, seed, steps and rates and every training,
     scoring, selection and calibration setting (L_reg's weights, the row budget, ...). A cached
     record with another key was computed under other settings and is computed again, so changing
-    a default can never mix old and new numbers in one record. The device is not part of it."""
+    a default can never mix old and new numbers in one record. The device is not part of it, nor a
+    setting added later at the value that reproduces the earlier code exactly (``ADDED_OFF``), so
+    adding a feature keeps the cells computed before it."""
     settings = ctx.settings
     what: dict = {"model": ctx.model_digest, "concepts": [c.name for c in ctx.concepts],
                   "images_per_concept": settings.images_per_concept,
@@ -658,7 +671,8 @@ def run_key(ctx: Context, method: Method | None = None, seed: int = 0, hyper: Hy
         calibration.pop("prompts_file")  # a scratch path; its captions come from the code
         what |= {"method": {k: v for k, v in asdict(method).items() if k not in ("name", "about")},
                  "seed": seed, "hyper": asdict(hyper), "lora_rank": settings.lora_rank,
-                 "train": {k: v for k, v in asdict(config.train).items() if k != "log_every"},
+                 "train": {k: v for k, v in asdict(config.train).items()
+                           if k != "log_every" and ADDED_OFF.get(f"train.{k}", object()) != v},
                  "scoring": asdict(config.scoring), "selection": asdict(config.selection),
                  "calibration": calibration}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -51,7 +51,11 @@ def pretrain_config(path: str | Path | None = None):
 
 
 def bench_settings(path: str | Path | None = None):
-    """``world.bench`` as BenchSettings."""
+    """``world.bench`` as BenchSettings; its ``cns`` settings are checked like ``params.yaml``'s."""
+    from cns.config import Config
     from world.bench import BenchSettings
 
-    return _build(BenchSettings, world_params(path).get("bench") or {}, "world.bench.", str(path or PARAMS_FILE))
+    source = str(path or PARAMS_FILE)
+    settings = _build(BenchSettings, world_params(path).get("bench") or {}, "world.bench.", source)
+    _build(Config, settings.cns, "world.bench.cns.", source)
+    return settings
