@@ -95,4 +95,5 @@ def test_the_world_s_cns_settings_reach_every_cns_run(tmp_path):
         (0.99, 0.0, False)
     assert (config.train.learning_rate, config.train.max_train_steps) == (3e-3, 8)  # the tuned values win
     plain = cns_config(settings, tmp_path / "w", hyper, 0, method=METHODS["cns_no_reg"])
-    assert plain.train.reg_previous_weight == plain.train.reg_output_weight == 0.0  # the ablation drops L_reg
+    # the ablation drops L_reg and the null-space protection
+    assert plain.train.reg_previous_weight == plain.train.reg_output_weight == plain.train.protect_earlier == 0.0

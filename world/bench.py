@@ -71,7 +71,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("cns", "cns", regularized=True, family="cns", about="the library's CNS, unchanged"),
     Method("cns_no_general", "cns", regularized=True, remove_general=False, family="cns",
            about="CNS without general-neuron removal"),
-    Method("cns_no_reg", "cns", family="cns", about="CNS without L_reg"),
+    Method("cns_no_reg", "cns", family="cns", about="CNS without L_reg or null-space protection"),
     Method("cns_random", "cns", regularized=True, rows="random", family="cns",
            about="random rows from the same free pool, the same count per layer"),
     Method("cns_bottom", "cns", regularized=True, rows="bottom", family="cns", about="the lowest-scored free rows"),
@@ -120,7 +120,7 @@ class BenchSettings:
     require_gate: bool = True
     # The library settings (cns/config.py sections) every CNS run of this world uses, over the
     # library's defaults: data/world/params.yaml says which and why. Rates and steps come from the
-    # tune sweep; a non-regularized method (cns_no_reg) still drops L_reg's penalty terms.
+    # tune sweep; a non-regularized method (cns_no_reg) still drops L_reg and the null-space protection.
     cns: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
@@ -159,7 +159,7 @@ def cns_config(settings: BenchSettings, work: Path, hyper: Hyper, seed: int, dev
              "random_flip": False, "log_every": 0}
     if method is not None and not method.regularized:
         train |= {"reg_previous_weight": 0.0, "reg_pretrained_weight": 0.0, "reg_output_weight": 0.0,
-                  "reg_generic_weight": 0.0}
+                  "reg_generic_weight": 0.0, "protect_generic": 0.0, "protect_earlier": 0.0}
     scorer = "gradient" if method is not None and method.rows == "gradient" else "taylor"
     data = {section: dict(values) for section, values in settings.cns.items()}
     data.setdefault("scoring", {}).update(base_ratio=settings.base_ratio, scorer=scorer)
