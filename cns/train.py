@@ -112,10 +112,13 @@ class TrainResult:
 def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_id: int,
              source: ConceptBatchSource, config: TrainConfig, *, pretrained: dict[str, torch.Tensor],
              earlier_prompt_states: torch.Tensor | None = None, generic_prompt_states: torch.Tensor | None = None,
+             protected: list[tuple[torch.Tensor | None, float]] | None = None,
              mixed_precision: str = "no", progress: bool = True) -> TrainResult:
     """Train the masked rows and the token embedding; writes the result into ``model`` in place.
 
     Loss = diffusion loss on the concept's images + L_reg (see :func:`regularization`).
+    ``protected``: (text states, energy) groups whose K/V outputs the rows' changes must leave
+    alone (:func:`protected_projector`).
     """
     device = model.device
     active = [layer for layer in layers if bool(concept[layer.name].any())]
@@ -125,12 +128,11 @@ def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_
         index = concept[layer.name].nonzero().flatten()
         trained[layer.name] = TrainableRows(layer.linear, index)
         pretrained_rows[layer.name] = pretrained[layer.name][index.cpu()].to(device).float()
-    projector, protected = protected_projector([(generic_prompt_states, config.protect_generic),
-                                                (earlier_prompt_states, config.protect_earlier)], device)
+    projector, closed = protected_projector(protected or [], device)
     for rows in trained.values():
         rows.projector = projector
     if projector is not None:
-        log.debug("row changes confined to %d of %d text-state directions", len(projector) - protected, len(projector))
+        log.debug("row changes confined to %d of %d text-state directions", len(projector) - closed, len(projector))
     embedding = model.token_embedding
     token = TrainableToken(embedding, token_id)
 

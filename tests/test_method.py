@@ -217,13 +217,13 @@ def _relative_output_change(states: torch.Tensor, before: dict, after: dict) -> 
 @pytest.mark.parametrize("share", [False, True])
 def test_null_space_rows_leave_protected_prompts_k_v_outputs_unchanged(tmp_path, share):
     """train.protect_generic / protect_earlier: a row's change may not use the directions that hold 99% of the
-    generic captions' text states, then of earlier concepts' prompts, so what those prompts read
-    from K/V stays put (also when a later concept retrains shared rows), while the rows still move."""
+    generic captions' text states, then of earlier concepts' prompts (padding and the empty prompt
+    included), so what those prompts read from K/V stays put (also when a later concept retrains shared rows), while the rows still move."""
     from dataclasses import replace
 
     from cns.concept import load_concept
     from cns.cumulative import open_model
-    from cns.learn import earlier_prompt_states, generic_prompt_states, learn_into
+    from cns.learn import learn_into, protected_states
 
     def weights(cumulative):
         return {layer.name: layer.linear.weight.detach().clone() for layer in cumulative.layers}
@@ -238,7 +238,9 @@ def test_null_space_rows_leave_protected_prompts_k_v_outputs_unchanged(tmp_path,
         cumulative = open_model(config.model_dir, config)
         learn_into(cumulative, load_concept(SAMPLES / "dog", config.limits), config, "d1", progress=False)
         measure = replace(config, train=replace(config.train, protect_generic=0.99, protect_earlier=0.99))  # the same states either way
-        generic, earlier = generic_prompt_states(cumulative, measure), earlier_prompt_states(cumulative, measure)
+        # every position the UNet attends to (padding too) of the generic captions, the earlier
+        # concept's prompts, and the empty prompt of classifier-free guidance
+        (generic, _), (earlier, _) = protected_states(cumulative, measure)
         before = weights(cumulative)
         learn_into(cumulative, load_concept(SAMPLES / "cat2", config.limits), config, "d2", progress=False)
         after = weights(cumulative)
