@@ -119,7 +119,7 @@ def _add_world_commands(sub: argparse._SubParsersAction) -> None:
                    help="gate: the all-K/V ceiling on the validation concepts only, the quick check of a world "
                         "model (-> gate.json); tune: each method family's learning rates on the validation "
                         "concepts (-> tuned.json, with the gate); budget: scored vs random/bottom/gradient rows "
-                        "at 2/6/15%% budgets (-> budget.md)")
+                        "at 6/15/25%% budgets (-> budget.md)")
     p.add_argument("--concepts-count", type=int, default=None)
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2)")

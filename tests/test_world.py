@@ -407,3 +407,6 @@ def test_a_cached_run_is_reused_only_under_the_settings_it_was_computed_with(tmp
               key(hyper=Hyper(1e-2, 5e-3, 16)), key(digest="n"), key(base_ratio=0.1), key(batch_size=2),
               key(noise_per_background=2)]
     assert same not in others and len(set(others)) == len(others)
+    # CNS's own settings do not touch the other methods' cells (the gate's all-K/V cells stay valid)
+    assert key("single_kv") == key("single_kv", base_ratio=0.1) == key("single_kv", cns={"train": {"protect_earlier": 0.9}})
+    assert key("cns") != key("cns", cns={"train": {"protect_earlier": 0.9}})

@@ -103,6 +103,12 @@ DEFAULT_HYPER = {"cns": Hyper(1e-2, 5e-3, 200), "token": Hyper(0.0, 5e-2, 200), 
 TUNE_GRID = {"learning_rate": (3e-3, 1e-2, 3e-2), "token_learning_rate": (5e-3, 5e-2), "steps": (200, 400, 800, 1600)}
 
 
+# CNS's library settings in this world (data/world/params.yaml bench.cns says why).
+WORLD_CNS = {"selection": {"exclude_owned": False},
+             "train": {"protect_earlier": 0.99, "reg_previous_weight": 0.0, "reg_pretrained_weight": 0.0,
+                       "reg_output_weight": 0.0, "reg_generic_weight": 0.0}}
+
+
 @dataclass
 class BenchSettings:
     concepts: int = 10
@@ -110,7 +116,7 @@ class BenchSettings:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     batch_size: int = 4
     lora_rank: int = 4
-    base_ratio: float = 0.06
+    base_ratio: float = 0.25
     images_per_concept: int = 5
     noise_per_background: int = 4  # x 6 backgrounds = 24 samples per concept
     steps: int | None = None  # overrides every method's tuned steps (the smoke run)
@@ -121,7 +127,7 @@ class BenchSettings:
     # The library settings (cns/config.py sections) every CNS run of this world uses, over the
     # library's defaults: data/world/params.yaml says which and why. Rates and steps come from the
     # tune sweep; a non-regularized method (cns_no_reg) still drops L_reg and the null-space protection.
-    cns: dict[str, dict] = field(default_factory=dict)
+    cns: dict[str, dict] = field(default_factory=lambda: {k: dict(v) for k, v in WORLD_CNS.items()})
 
     @classmethod
     def smoke(cls) -> "BenchSettings":
@@ -672,9 +678,10 @@ def run_key(ctx: Context, method: Method | None = None, seed: int = 0, hyper: Hy
         what |= {"method": {k: v for k, v in asdict(method).items() if k not in ("name", "about")},
                  "seed": seed, "hyper": asdict(hyper), "lora_rank": settings.lora_rank,
                  "train": {k: v for k, v in asdict(config.train).items()
-                           if k != "log_every" and ADDED_OFF.get(f"train.{k}", object()) != v},
-                 "scoring": asdict(config.scoring), "selection": asdict(config.selection),
-                 "calibration": calibration}
+                           if k != "log_every" and ADDED_OFF.get(f"train.{k}", object()) != v}}
+        if method.learner == "cns":  # only CNS scores, selects and reads general neurons
+            what |= {"scoring": asdict(config.scoring), "selection": asdict(config.selection),
+                     "calibration": calibration}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
