@@ -17,7 +17,7 @@ from world.sweeps import _alone
 cache = Path("/tmp/gate24k/cache")
 work = Path("/tmp/probe24k/work")
 concepts = [c for c in load_concepts() if c.name == "bowtie"]
-ctx = context(BenchSettings(), concepts, work, "cpu")
+ctx = context(BenchSettings(base_ratio=0.06, cns={}), concepts, work, "cpu")  # the settings it ran with
 base_images = load_images(cache / "pretrained-zero-shot.png")
 out = {}
 for steps in [int(s) for s in sys.argv[1:]]:
