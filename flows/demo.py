@@ -27,14 +27,26 @@ CONCEPTS = ("ringdot", "checker", "arrow")
 PROMPT = "a {token} glyph on a gray background"
 
 
+# Rates and steps of the demo's CNS runs (the benchmark tunes its own): on the world model, 25% of
+# each layer's rows learn plusdot to identity 0.71 in 1600 steps at 3e-3, and to 0.33 (with more
+# drift) in 800 steps at 1e-2 (docs/world/cns-probe-2026-11-27).
+DEMO_TRAIN = {"max_train_steps": 1600, "learning_rate": 3e-3, "token_learning_rate": 5e-2}
+
+
 def world_settings(params: dict) -> dict:
     """The workspace's settings for the world model: its own calibration captions, 32 px, no
-    flips (a glyph is not mirror-symmetric), the sampler the benchmark uses."""
+    flips (a glyph is not mirror-symmetric), the sampler the benchmark uses, and the CNS settings
+    of the benchmark world (data/world/params.yaml ``bench.cns`` and ``bench.base_ratio``)."""
     from world.bench import world_calibration_prompts
+    from world.params import bench_settings
 
+    bench = bench_settings()
+    for section, values in bench.cns.items():
+        params[section].update(values)
+    params["scoring"]["base_ratio"] = bench.base_ratio
     params["model"].update(pretrained_model_name_or_path=str(WORLD / "model"), mixed_precision="no")
     params["calibration"]["prompts_file"] = str(world_calibration_prompts(OUT / "calibration.txt"))
-    params["train"].update(max_train_steps=200, train_batch_size=4, learning_rate=1e-2, random_flip=False)
+    params["train"].update(train_batch_size=4, random_flip=False, **DEMO_TRAIN)
     sampler = {"num_inference_steps": 20, "guidance_scale": 3.0}
     params["evaluate"].update(prompts=[PROMPT.replace("{token} glyph", "{token} {class_noun}")], **sampler)
     params["generate"].update(**sampler)
