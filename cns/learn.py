@@ -183,9 +183,10 @@ def protected_states(cumulative: CumulativeModel, config: Config) -> list[tuple[
                        train.protect_generic))
     if train.protect_earlier and cumulative.lineage.concepts:
         prompts = [""]
-        for record in cumulative.lineage.concepts:
+        for record in cumulative.lineage.concepts:  # its training captions and the prompts its forgetting is read on
             prompts += record.prompts or [train.prompt_template.format(token=record.token,
                                                                        class_noun=record.class_noun)]
+            prompts += [p.format(token=record.token, class_noun=record.class_noun) for p in config.evaluate.prompts]
         groups.append((prompt_states(cumulative, prompts, padding=True), train.protect_earlier))
     return groups
 
