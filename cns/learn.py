@@ -137,11 +137,23 @@ def earlier_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.
     """Text states of earlier concepts' prompts (their real tokens), for L_reg's output term."""
     if not cumulative.lineage.concepts or not config.train.reg_output_weight:
         return None
+    return prompt_states(cumulative, earlier_prompts(cumulative, config))
+
+
+def earlier_prompts(cumulative: CumulativeModel, config: Config) -> list[str]:
+    """Every earlier concept's training captions (or the template with its token)."""
     prompts = []
     for record in cumulative.lineage.concepts:
         prompts += record.prompts or [config.train.prompt_template.format(token=record.token,
                                                                           class_noun=record.class_noun)]
-    return prompt_states(cumulative, prompts)
+    return prompts
+
+
+def generic_prompts(config: Config) -> list[str]:
+    """Up to ``train.reg_generic_prompts`` calibration captions, an even spread of the set."""
+    prompts = load_calibration_prompts(config.calibration.prompts_file)
+    step = max(1, len(prompts) // max(1, config.train.reg_generic_prompts))
+    return prompts[::step][:config.train.reg_generic_prompts]
 
 
 def generic_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.Tensor | None:
@@ -149,9 +161,7 @@ def generic_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.
     the set), for L_reg's generic output prior: what K/V rows return for ordinary prompts."""
     if not config.train.reg_generic_weight or not config.train.reg_generic_prompts:
         return None
-    prompts = load_calibration_prompts(config.calibration.prompts_file)
-    step = max(1, len(prompts) // config.train.reg_generic_prompts)
-    return prompt_states(cumulative, prompts[::step][:config.train.reg_generic_prompts])
+    return prompt_states(cumulative, generic_prompts(config))
 
 
 def prompt_states(cumulative: CumulativeModel, prompts: list[str], padding: bool = False) -> torch.Tensor:
@@ -177,16 +187,12 @@ def protected_states(cumulative: CumulativeModel, config: Config) -> list[tuple[
     train = config.train
     groups: list[tuple[torch.Tensor | None, float]] = []
     if train.protect_generic:
-        prompts = load_calibration_prompts(config.calibration.prompts_file)
-        step = max(1, len(prompts) // max(1, train.reg_generic_prompts))
-        groups.append((prompt_states(cumulative, [""] + prompts[::step][:train.reg_generic_prompts], padding=True),
-                       train.protect_generic))
+        groups.append((prompt_states(cumulative, [""] + generic_prompts(config), padding=True), train.protect_generic))
     if train.protect_earlier and cumulative.lineage.concepts:
-        prompts = [""]
-        for record in cumulative.lineage.concepts:  # its training captions and the prompts its forgetting is read on
-            prompts += record.prompts or [train.prompt_template.format(token=record.token,
-                                                                       class_noun=record.class_noun)]
-            prompts += [p.format(token=record.token, class_noun=record.class_noun) for p in config.evaluate.prompts]
+        # their training captions and the prompts their forgetting is read on
+        prompts = [""] + earlier_prompts(cumulative, config) + [
+            p.format(token=r.token, class_noun=r.class_noun) for r in cumulative.lineage.concepts
+            for p in config.evaluate.prompts]
         groups.append((prompt_states(cumulative, prompts, padding=True), train.protect_earlier))
     return groups
 

@@ -68,7 +68,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("cns", "cns", regularized=True, family="cns", about="the library's CNS, unchanged"),
+    Method("cns", "cns", regularized=True, family="cns", about="the library's CNS with the world's settings (BenchSettings.cns)"),
     Method("cns_no_general", "cns", regularized=True, remove_general=False, family="cns",
            about="CNS without general-neuron removal"),
     Method("cns_no_reg", "cns", family="cns", about="CNS without L_reg or null-space protection"),
