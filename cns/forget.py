@@ -45,7 +45,7 @@ def forget(model_dir: str | Path, name: str) -> dict:
         theirs = load_masks(model_dir / other.mask)[0]["concept"]
         kept += sum(int((mine[n] & theirs[n]).sum()) for n in mine if n in theirs)
     removal = {"version": lineage.version + 1, "name": record.name, "token": record.token,
-               "removed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "record": vars(record),
+               "removed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "record": record.to_json(),
                "later_concepts": [c.name for c in later], "rows_kept_by_later_concepts": kept}
     write_lineage(model_dir, Lineage(base=lineage.base, concepts=[c for c in lineage.concepts if c.name != name],
                                      removals=[*lineage.removals, removal]))

@@ -141,11 +141,12 @@ def earlier_prompt_states(cumulative: CumulativeModel, config: Config) -> torch.
 
 
 def earlier_prompts(cumulative: CumulativeModel, config: Config) -> list[str]:
-    """Every earlier concept's training captions (or the template with its token)."""
+    """Every earlier concept's training text: its per-image captions (what it trained on, when the
+    manifest has them) and its manifest prompts, or else the template with its token."""
     prompts = []
     for record in cumulative.lineage.concepts:
-        prompts += record.prompts or [config.train.prompt_template.format(token=record.token,
-                                                                          class_noun=record.class_noun)]
+        prompts += record.captions + (record.prompts or ([] if record.captions else [
+            config.train.prompt_template.format(token=record.token, class_noun=record.class_noun)]))
     return prompts
 
 
@@ -261,6 +262,8 @@ def commit(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Se
     record = ConceptRecord(version=version, name=concept.name, token=concept.token, class_noun=concept.class_noun,
                            dataset_hash=dataset_hash, mask=relative_file(concept.name, MASK),
                            delta=relative_file(concept.name, DELTA), prompts=list(concept.prompts),
+                           captions=list(dict.fromkeys(concept.captions[p.name] for p in concept.image_paths
+                                                       if p.name in concept.captions)),
                            stats=stats, learned_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     new_lineage = Lineage(base=lineage.base, concepts=[*lineage.concepts, record], removals=lineage.removals)
     write_lineage(model_dir, new_lineage)

@@ -70,6 +70,16 @@ class ConceptRecord:
     prompts: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     learned_at: str = ""
+    # The manifest's per-image captions (each distinct one once): with captions, these are what the
+    # concept trained on, so later concepts protect them (cns.learn.earlier_prompts). Left out of
+    # lineage.json when empty, which keeps uncaptioned lineages byte for byte as before.
+    captions: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(vars(self))
+        if not data["captions"]:
+            del data["captions"]
+        return data
 
 
 @dataclass
@@ -100,7 +110,7 @@ class Lineage:
 
     def to_json(self) -> dict[str, Any]:
         data = {"format": 2 if self.removals else 1, "version": self.version, "base": self.base,
-                "concepts": [vars(c) for c in self.concepts]}
+                "concepts": [c.to_json() for c in self.concepts]}
         if self.removals:
             data["removals"] = self.removals
         return data

@@ -251,3 +251,35 @@ def test_null_space_rows_leave_protected_prompts_k_v_outputs_unchanged(tmp_path,
     assert moved_kept > 0.1 * moved_free > 0, "the rows must still learn"
     assert generic_kept <= 0.1 < generic_free, changes  # at most sqrt(1 - 0.99) by construction
     assert earlier_kept <= 0.1 < earlier_free, changes
+
+
+def test_a_captioned_concepts_captions_are_what_later_concepts_protect(tmp_path):
+    """A concept trained on per-image captions trained on those captions, not on the template: the
+    lineage keeps each distinct caption once, and later concepts protect them (null-space rows and
+    L_reg's output term read earlier_prompts). Before, only the template was protected, so a world
+    concept read "on a pink background" had its prompts unprotected."""
+    import json
+    import shutil
+
+    from cns.concept import load_concept
+    from cns.cumulative import open_model
+    from cns.learn import earlier_prompts, learn_into, protected_states
+
+    captioned = tmp_path / "dog"
+    shutil.copytree(SAMPLES / "dog", captioned)
+    captions = {f"0{i}.jpg": f"a <dog1> dog on a {'red' if i % 2 else 'blue'} rug" for i in range(5)}
+    (captioned / "concept.yaml").write_text('name: dog\ntoken: "<dog1>"\nclass_noun: dog\ncaptions:\n' + "".join(
+        f'  {k}: "{v}"\n' for k, v in captions.items()))
+    config = small_config(tmp_path, train={"max_train_steps": 2, "protect_earlier": 0.99})
+    cumulative = open_model(config.model_dir, config)
+    learn_into(cumulative, load_concept(captioned, config.limits), config, "d1", progress=False)
+    record = cumulative.lineage.concepts[0]
+    assert record.captions == ["a <dog1> dog on a blue rug", "a <dog1> dog on a red rug"]
+    assert earlier_prompts(cumulative, config) == record.captions  # no template: it never trained on it
+    (earlier, _), = protected_states(cumulative, config)
+    assert len(earlier) == (1 + 2 + len(config.evaluate.prompts)) * 77  # the empty prompt, captions, evaluate prompts
+    learn_into(cumulative, load_concept(SAMPLES / "cat2", config.limits), config, "d2", progress=False)
+    saved = json.loads((tmp_path / "model" / "lineage.json").read_text())["concepts"]
+    assert saved[0]["captions"] == record.captions
+    assert "captions" not in saved[1]  # uncaptioned records are written as before
+    assert open_model(config.model_dir, config).lineage.concepts[0].captions == record.captions
