@@ -256,6 +256,8 @@ def commit(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Se
         "delta_bytes": (final / DELTA).stat().st_size,
         "final_loss": result.losses[-1] if result.losses else None,
         "train_steps": len(result.losses),
+        "protected_directions": result.protected_directions,
+        "text_dim": result.text_dim,
         "timings": dict(prepared.seconds),
         **({"peak_rss_mb": dict(prepared.peak_rss_mb)} if prepared.peak_rss_mb else {}),
     })

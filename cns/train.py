@@ -107,6 +107,11 @@ class TrainResult:
     peak_memory_bytes: int | None = None
     trainable_parameters: int = 0
     optimizer_state_bytes: int = 0
+    # Null-space rows: text-state directions closed to the rows' changes, of ``text_dim``
+    # (0 of d when nothing is protected). Each protected concept closes more; when few stay open,
+    # a new concept can barely use its rows.
+    protected_directions: int = 0
+    text_dim: int = 0
 
 
 def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_id: int,
@@ -131,8 +136,14 @@ def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_
     projector, closed = protected_projector(protected or [], device)
     for rows in trained.values():
         rows.projector = projector
+    text_dim = layers[0].linear.in_features if layers else 0  # K/V rows read text states of this width
     if projector is not None:
-        log.debug("row changes confined to %d of %d text-state directions", len(projector) - closed, len(projector))
+        log.info("row changes confined to %d of %d text-state directions (%d protected)",
+                 text_dim - closed, text_dim, closed)
+        if text_dim - closed < text_dim // 4:
+            log.warning("only %d of %d text-state directions are left to this concept's rows: earlier "
+                        "concepts' protected prompts (train.protect_earlier) have closed the rest, so it "
+                        "will learn mostly through its token", text_dim - closed, text_dim)
     embedding = model.token_embedding
     token = TrainableToken(embedding, token_id)
 
@@ -176,7 +187,7 @@ def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_
         token_embedding = token.release(embedding)
     return TrainResult(rows=rows, token_embedding=token_embedding, losses=losses, seconds=seconds,
                        peak_memory_bytes=peak_memory_bytes(device), trainable_parameters=trainable,
-                       optimizer_state_bytes=state_bytes)
+                       optimizer_state_bytes=state_bytes, protected_directions=closed, text_dim=text_dim)
 
 
 def protected_projector(groups: list[tuple[torch.Tensor | None, float]],

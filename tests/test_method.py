@@ -242,8 +242,12 @@ def test_null_space_rows_leave_protected_prompts_k_v_outputs_unchanged(tmp_path,
         # concept's prompts, and the empty prompt of classifier-free guidance
         (generic, _), (earlier, _) = protected_states(cumulative, measure)
         before = weights(cumulative)
-        learn_into(cumulative, load_concept(SAMPLES / "cat2", config.limits), config, "d2", progress=False)
+        record, _ = learn_into(cumulative, load_concept(SAMPLES / "cat2", config.limits), config, "d2", progress=False)
         after = weights(cumulative)
+        # the lineage says how much of the text-state space the protection closed to the rows
+        closed, width = record.stats["protected_directions"], record.stats["text_dim"]
+        assert width == cumulative.layers[0].linear.in_features
+        assert (closed == 0) if energy == 0 else (0 < closed < width), (closed, width)
         moved = sum(float((after[n] - before[n]).abs().sum()) for n in before)
         changes[energy] = (_relative_output_change(generic, before, after),
                            _relative_output_change(earlier, before, after), moved)

@@ -240,7 +240,8 @@ def learn_one(method: Method, cumulative: CumulativeModel, directory: Path, conf
         result = cns_train(cumulative, prepared, selection, config, progress=False)
         commit(cumulative, prepared, selection, scores, result, hash_concept_dir(directory), config)
         info = {"rows": count(selection.concept),
-                "rows_per_layer": {n: int(m.sum()) for n, m in selection.concept.items()}}
+                "rows_per_layer": {n: int(m.sum()) for n, m in selection.concept.items()},
+                "protected_directions": [result.protected_directions, result.text_dim]}
     elif method.learner in ("kv", "token"):
         mask = {n: torch.full((r,), method.learner == "kv", dtype=torch.bool) for n, r in rows.items()}
         finetune(cumulative.model, cumulative.layers, mask, prepared.token_id, prepared.source, config.train,
@@ -525,6 +526,8 @@ def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray,
         record["train_seconds"] += time.perf_counter() - start
         record["rows"].append(info["rows"])
         record["rows_per_layer"].append(info.get("rows_per_layer"))
+        if "protected_directions" in info:  # CNS: text-state directions closed to its rows, of the width
+            record.setdefault("protected_directions", []).append(info["protected_directions"])
         reading = concept_readings(cumulative.model, ctx, [k])[0]
         record["just_learned"].append(reading)
         log.info("%s seed %d %s: bitmap %.2f identity %.2f", method.name, seed, ctx.concepts[k].name,

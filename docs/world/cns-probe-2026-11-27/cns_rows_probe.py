@@ -70,6 +70,7 @@ for variant in args.variant or ["reg"]:
     r = run["final"][-1]
     drift = (f" zero-shot all {run['zero_shot']['all']:.2f} pixel change {run['zero_shot_pixel_change']:.4f}"
              if "zero_shot" in run else "")
-    print(f"{args.concept} {variant}{tag} rows {args.ratio:g} ({run['rows']}) {args.steps} steps lr {args.lr:g} token lr {args.token_lr:g}: "
+    closed = (f" protected directions {run['protected_directions']}" if run.get("protected_directions") else "")
+    print(f"{args.concept} {variant}{tag} rows {args.ratio:g} ({run['rows']}){closed} {args.steps} steps lr {args.lr:g} token lr {args.token_lr:g}: "
           f"identity {r['identity']:.2f} bitmap {r['bitmap']:.2f} similarity {r['similarity']:.2f}{drift} "
           f"({time.time() - start:.0f} s)", flush=True)
