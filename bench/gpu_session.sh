@@ -8,10 +8,16 @@
 #      from the committed cache (docs/world/tune-cache), so only missing cells run; runs that
 #      finish are cached; gate.json and tuned.json are written when their cells are all in.
 #   sd15: SD-1.5 step timings, bench/train_bench.py on SD-1.5's UNet at 512 px (64x64 latents).
+#   wide: pretrain a WIDE-wide world (default 128 K/V rows a layer, `cns world pretrain --width`) for
+#      WIDE_MIN minutes, resuming from data/world/pretrain-WIDE when a session committed one; runs
+#      first when asked for. At 64 wide CNS needed half a layer's rows (docs/world/cns-probe-2026-11-27);
+#      a wider world tests it at SD-like budgets. Result: world-WIDE.tar.gz (checkpoint, and the
+#      model folder once finished; unpack it at the repository root and commit).
 #
 # Usage (repository root; the device tool sets OUT; .whl holds the wheels the machine lacks:
 # diffusers, `pip download --no-deps diffusers==<.venv's version>` for Python 3.12):
 #   BUDGET=540 SHARDS=12 PARTS="tune sd15" bash bench/gpu_session.sh
+#   BUDGET=540 PARTS="wide tune" WIDE=128 WIDE_MIN=6 bash bench/gpu_session.sh
 # Results under $OUT: world-tune.tar.gz (the sweep's whole cache: run records and sample strips;
 # unpack it over docs/world/tune-cache), gate.json / tuned.json when complete,
 # train_sd15.{md,json}, session.log. Run on 2026-11-27 (one H100): docs/benchmarks.md, docs/world.md.
@@ -38,6 +44,19 @@ fi
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
   'transformers', transformers.__version__, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/session.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$OUT/session.log" 2>&1
+
+# ---- a wider world's pretraining (first: it is what the CPU cannot do at all) ---------------------
+if [[ " $PARTS " == *" wide "* ]]; then
+WIDE=${WIDE:-128}
+WIDE_MIN=${WIDE_MIN:-6}
+log "pretraining a ${WIDE}-wide world for ${WIDE_MIN} min (data/world/pretrain-$WIDE)"
+timeout --signal=TERM $(( ${WIDE_MIN%.*} * 60 + 120 )) python3 -m flows.cli world pretrain --width "$WIDE" \
+  --checkpoint "data/world/pretrain-$WIDE" --out "data/world/model-$WIDE" --budget-minutes "$WIDE_MIN" \
+  --checkpoint-minutes 2 --device "$DEVICE" -q >>"$OUT/session.log" 2>&1 || log "pretraining stopped with an error"
+tar -czf "$OUT/world-$WIDE.tar.gz" "data/world/pretrain-$WIDE" $([ -d "data/world/model-$WIDE" ] && echo "data/world/model-$WIDE") \
+  2>>"$OUT/session.log"
+log "wide part done"
+fi
 
 # ---- the tune sweep, sharded -------------------------------------------------------------------
 if [[ " $PARTS " == *" tune "* ]]; then

@@ -122,12 +122,13 @@ def build_tiny(seed: int = TINY_SEED) -> DiffusionModel:
     return model
 
 
-def tiny_clip_config():
+def tiny_clip_config(width: int = 64):
     """The tiny text encoder of the test model and the benchmark world: CLIP's vocabulary and
-    special tokens (so the real tokenizer works), 64 wide, 2 layers."""
+    special tokens (so the real tokenizer works), ``width`` wide (64 unless the world is made
+    wider), 2 layers."""
     return CLIPTextConfig(
-        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
+        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )
 

@@ -89,6 +89,9 @@ def _add_world_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--params", default=None, help="default: data/world/params.yaml (world.pretrain)")
     p.add_argument("--steps", type=int, default=None, help="default: world.pretrain.steps of --params")
     p.add_argument("--batch-size", type=int, default=None, help="default: world.pretrain.batch_size of --params")
+    p.add_argument("--width", type=int, default=None,
+                   help="K/V rows per cross-attention layer and text width (default: world.pretrain.width of --params, 64); "
+                        "another width needs its own --checkpoint and --out")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="stop (checkpoint saved) after this much wall clock; run again to resume")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)

@@ -68,6 +68,32 @@ def test_a_checkpoint_resumes_only_under_its_own_settings(tmp_path):
         pretrain(tmp_path / "ckpt", PretrainConfig(steps=2, batch_size=4, warmup_steps=1), progress=False)
 
 
+def test_a_wider_world_has_wider_k_v_layers_and_old_checkpoints_resume_at_the_default_width(tmp_path):
+    """world.pretrain.width sets the K/V rows per layer (CNS's neurons) and the text width; a
+    checkpoint written before the setting existed (no "width" in its state) is the 64-wide one."""
+    from cns.errors import CNSError
+    from cns.models import load_pretrained
+    from cns.neurons import kv_layers
+    from world.model import Checkpoint, PretrainConfig, export_model, pretrain
+
+    wide = PretrainConfig(steps=1, batch_size=2, warmup_steps=1, width=32)
+    pretrain(tmp_path / "wide", wide, progress=False)
+    export_model(tmp_path / "wide", tmp_path / "model")
+    model = load_pretrained(str(tmp_path / "model"))
+    assert {layer.linear.out_features for layer in kv_layers(model.unet)} == {32}
+    assert model.text_encoder.config.hidden_size == 32
+    with pytest.raises(CNSError, match="other settings"):
+        pretrain(tmp_path / "wide", PretrainConfig(steps=1, batch_size=2, warmup_steps=1), progress=False)
+
+    default = PretrainConfig(steps=2, batch_size=2, warmup_steps=1)
+    pretrain(tmp_path / "old", default, budget_minutes=0.0, progress=False)
+    state_file = Checkpoint(tmp_path / "old").state_file
+    state = json.loads(state_file.read_text())
+    del state["config"]["width"]
+    state_file.write_text(json.dumps(state))
+    assert pretrain(tmp_path / "old", default, progress=False)["step"] == 2
+
+
 def test_sigterm_checkpoints_at_the_end_of_the_step_and_the_run_resumes(tmp_path):
     """A scheduler's stop (SIGTERM) costs one step, not the work since the last checkpoint."""
     import os

@@ -30,6 +30,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from cns.errors import CNSError
     from world.model import pretrain
     from world.params import pretrain_config
 
@@ -38,6 +39,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         config = replace(config, steps=args.steps)
     if args.batch_size:  # e.g. 256 on a GPU, with fewer steps and its own --checkpoint folder
         config = replace(config, batch_size=args.batch_size)
+    if args.width:  # e.g. 128: CNS at SD-like row budgets (world.model.PretrainConfig.width)
+        if args.width < 16 or args.width % 16:
+            raise CNSError("--width", f"{args.width} is not a multiple of 16 (the UNet's group norm)", "bad_argument")
+        config = replace(config, width=args.width)
     state = pretrain(args.checkpoint, config, device=_device(args.device), budget_minutes=args.budget_minutes,
                      checkpoint_minutes=args.checkpoint_minutes, progress=not args.quiet)
     print(f"pretraining: step {state['step']} of {config.steps}, {state['train_seconds'] / 60:.1f} min in all; "

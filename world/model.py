@@ -58,9 +58,15 @@ class PretrainConfig:
     # each concept a new instance of a known kind.
     glyph_rate: float = 0.5
     seed: int = 0
+    # Width of the cross-attention layers and of the text encoder: each K/V layer has this many
+    # rows (CNS's neurons). At 64 a concept needed about half a layer's rows (bowtie: identity
+    # 0.54 with 32 rows, 0.00 with 16; docs/world/cns-probe-2026-11-27), where SD-1.5's layers
+    # are 320-1280 wide and CNS's 6% is 19-77 rows. 128 or 256 tests CNS at SD-like budgets: a
+    # GPU job (64 took 8 h of CPU; 128's checkpoint is 74 MB against 21 MB).
+    width: int = 64
 
 
-def build_world_model(seed: int = 0) -> DiffusionModel:
+def build_world_model(seed: int = 0, width: int = 64) -> DiffusionModel:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -68,12 +74,12 @@ def build_world_model(seed: int = 0) -> DiffusionModel:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1,
-            block_out_channels=(32, 64, 64),
+            block_out_channels=(32, width, width),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+            cross_attention_dim=width, attention_head_dim=8, norm_num_groups=16,
         )
-        text_encoder = CLIPTextModel(tiny_clip_config())
+        text_encoder = CLIPTextModel(tiny_clip_config(width))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                               prediction_type="v_prediction", clip_sample=False)
     return DiffusionModel(unet=unet, vae=None, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
@@ -93,7 +99,7 @@ def trainable(model: DiffusionModel) -> dict[str, torch.nn.Parameter]:
     """What pretraining trains: the UNet and the text encoder, except the token table. The
     table stays at its seeded initialisation: the world has about 40 words, a frozen random
     table serves them as well, and the resumable checkpoint stays at ~22 MB instead of ~80 MB
-    (the table is 49,408 x 64 and is rebuilt from the seed)."""
+    (the table is 49,408 x width and is rebuilt from the seed)."""
     frozen = model.text_encoder.get_input_embeddings().weight
     named = [(f"unet.{n}", p) for n, p in model.unet.named_parameters()]
     named += [(f"text_encoder.{n}", p) for n, p in model.text_encoder.named_parameters() if p is not frozen]
@@ -167,7 +173,7 @@ def pretrain(checkpoint_dir: str | Path, config: PretrainConfig, *, device: str 
     A resumed run draws its scenes and noise from generators seeded with (seed, step), so the same
     resume points give the same weights; it is not bit-identical to an uninterrupted run."""
     checkpoint = Checkpoint(checkpoint_dir)
-    model = build_world_model(config.seed).to(device)
+    model = build_world_model(config.seed, config.width).to(device)
     model.freeze()
     params = trainable(model)
     for p in params.values():
@@ -179,7 +185,8 @@ def pretrain(checkpoint_dir: str | Path, config: PretrainConfig, *, device: str 
     state = {"config": asdict(config), "step": 0, "train_seconds": 0.0, "loss_curve": [], "parts": []}
     if checkpoint.exists():
         saved = checkpoint.state()
-        if saved["config"] != asdict(config):
+        # a key added later (at its default) is no difference: the 64-wide checkpoint has no width
+        if PretrainConfig(**saved["config"]) != config:
             raise CNSError(checkpoint.state_file, "made with other settings than these; delete the folder to "
                            "start again, or resume with its settings", "world_invalid")
         state = saved
@@ -293,7 +300,7 @@ def export_model(checkpoint_dir: str | Path, out_dir: str | Path, evaluate_fn=No
 
     state = checkpoint.state()
     config = PretrainConfig(**state["config"])
-    model = build_world_model(config.seed)
+    model = build_world_model(config.seed, config.width)
     tensors = load_file(str(checkpoint.weights))
     with torch.no_grad():
         for name, p in trainable(model).items():
