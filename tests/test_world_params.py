@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import asdict
 
 import pytest
 import yaml
@@ -22,7 +21,8 @@ def test_the_pretrain_params_are_the_committed_checkpoints_config():
     assert pretrain_config() == PretrainConfig()
     state = CHECKPOINT_DIR / "state.json"
     if state.is_file():
-        assert json.loads(state.read_text())["config"] == asdict(pretrain_config())
+        # a setting added later (width) is read at its default from an older checkpoint, as pretrain does
+        assert PretrainConfig(**json.loads(state.read_text())["config"]) == pretrain_config()
 
 
 def test_the_bench_params_are_the_full_runs_defaults():
