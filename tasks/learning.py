@@ -434,6 +434,8 @@ def version_metrics(record: ConceptRecord, prepared: steps.PreparedConcept, resu
         **{f"neurons/layer/{short_layer_name(k)}": v for k, v in s["neurons_per_layer"].items()},
         "train/trainable_parameters": result.trainable_parameters,
         "train/optimizer_state_bytes": result.optimizer_state_bytes,
+        # null-space rows: text-state directions closed to this concept's rows (of train/text_dim)
+        "train/protected_directions": result.protected_directions, "train/text_dim": result.text_dim,
     }
     metrics.update({f"time/{step}_s": value for step, value in prepared.seconds.items()})
     metrics.update({f"memory/{step}_peak_rss": value for step, value in prepared.peak_rss_mb.items()})

@@ -84,6 +84,7 @@ def test_each_concept_has_a_complete_mlflow_run_with_its_artifacts(pipeline):
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 15
         record = read_lineage(ws.model_dir).find(concept)
         assert run.data.metrics["neurons/total"] == record.stats["neurons_total"]
+        assert run.data.metrics["train/text_dim"] == record.stats["text_dim"] > 0  # null-space rows' room, logged
         layer = next(iter(record.stats["neurons_per_layer"]))
         assert f"neurons/layer/{short_layer_name(layer)}" in run.data.metrics
         assert f"eval/{concept}/heldout_loss" in run.data.metrics
