@@ -105,8 +105,8 @@ TUNE_GRID = {"learning_rate": (3e-3, 1e-2, 3e-2), "token_learning_rate": (5e-3, 
 
 # CNS's library settings in this world (data/world/params.yaml bench.cns says why).
 WORLD_CNS = {"selection": {"exclude_owned": False},
-             "train": {"protect_earlier": 0.99, "reg_previous_weight": 0.0, "reg_pretrained_weight": 0.0,
-                       "reg_output_weight": 0.0, "reg_generic_weight": 0.0}}
+             "train": {"protect_generic": 0.99, "protect_earlier": 0.99, "reg_previous_weight": 0.0,
+                       "reg_pretrained_weight": 0.0, "reg_output_weight": 0.0, "reg_generic_weight": 0.0}}
 
 
 @dataclass
