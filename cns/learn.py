@@ -264,8 +264,7 @@ def commit(cumulative: CumulativeModel, prepared: PreparedConcept, selection: Se
     record = ConceptRecord(version=version, name=concept.name, token=concept.token, class_noun=concept.class_noun,
                            dataset_hash=dataset_hash, mask=relative_file(concept.name, MASK),
                            delta=relative_file(concept.name, DELTA), prompts=list(concept.prompts),
-                           captions=list(dict.fromkeys(concept.captions[p.name] for p in concept.image_paths
-                                                       if p.name in concept.captions)),
+                           captions=list(dict.fromkeys(concept.captions_for(concept.image_paths) or [])),
                            stats=stats, learned_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     new_lineage = Lineage(base=lineage.base, concepts=[*lineage.concepts, record], removals=lineage.removals)
     write_lineage(model_dir, new_lineage)

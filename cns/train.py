@@ -141,9 +141,9 @@ def finetune(model: DiffusionModel, layers: list[KVLayer], concept: Mask, token_
         log.info("row changes confined to %d of %d text-state directions (%d protected)",
                  text_dim - closed, text_dim, closed)
         if text_dim - closed < text_dim // 4:
-            log.warning("only %d of %d text-state directions are left to this concept's rows: earlier "
-                        "concepts' protected prompts (train.protect_earlier) have closed the rest, so it "
-                        "will learn mostly through its token", text_dim - closed, text_dim)
+            log.warning("only %d of %d text-state directions are left to this concept's rows: the protected "
+                        "prompts (train.protect_earlier, protect_generic) have closed the rest, so it will "
+                        "learn mostly through its token", text_dim - closed, text_dim)
     embedding = model.token_embedding
     token = TrainableToken(embedding, token_id)
 

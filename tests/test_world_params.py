@@ -42,6 +42,9 @@ def test_a_changed_value_is_read_and_an_unknown_key_is_an_error(tmp_path):
     path.write_text(yaml.safe_dump({"world": {"pretrian": {}}}))
     with pytest.raises(ConfigError, match="world.pretrian"):
         bench_settings(path)
+    path.write_text(yaml.safe_dump({"world": {"pretrain": {"width": 40}}}))  # the UNet's group norm needs 16k
+    with pytest.raises(ConfigError, match="world.pretrain.width 40"):
+        pretrain_config(path)
 
 
 def test_dvc_sees_a_changed_world_param_in_the_stages_that_read_it(tmp_path):

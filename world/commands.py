@@ -30,9 +30,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from cns.errors import CNSError
     from world.model import pretrain
-    from world.params import pretrain_config
+    from world.params import check_width, pretrain_config
 
     config = pretrain_config(args.params)
     if args.steps:
@@ -40,8 +39,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.batch_size:  # e.g. 256 on a GPU, with fewer steps and its own --checkpoint folder
         config = replace(config, batch_size=args.batch_size)
     if args.width:  # e.g. 128: CNS at SD-like row budgets (world.model.PretrainConfig.width)
-        if args.width < 16 or args.width % 16:
-            raise CNSError("--width", f"{args.width} is not a multiple of 16 (the UNet's group norm)", "bad_argument")
+        check_width(args.width, "cns world pretrain", "--width")
         config = replace(config, width=args.width)
     state = pretrain(args.checkpoint, config, device=_device(args.device), budget_minutes=args.budget_minutes,
                      checkpoint_minutes=args.checkpoint_minutes, progress=not args.quiet)

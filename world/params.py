@@ -47,7 +47,16 @@ def pretrain_config(path: str | Path | None = None):
     """``world.pretrain`` as a PretrainConfig."""
     from world.model import PretrainConfig
 
-    return _build(PretrainConfig, world_params(path).get("pretrain") or {}, "world.pretrain.", str(path or PARAMS_FILE))
+    source = str(path or PARAMS_FILE)
+    config = _build(PretrainConfig, world_params(path).get("pretrain") or {}, "world.pretrain.", source)
+    check_width(config.width, source, "world.pretrain.width")
+    return config
+
+
+def check_width(width: int, source: str, key: str) -> None:
+    """The world's width must suit the UNet's group norm (16 groups)."""
+    if width < 16 or width % 16:
+        raise ConfigError(source, f"{key} {width} is not a multiple of 16 (the UNet's group norm)")
 
 
 def bench_settings(path: str | Path | None = None):
