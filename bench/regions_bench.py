@@ -1,7 +1,8 @@
 """Region control's cost: sampling time with two regional prompts against none, same prompts,
-seeds and steps, on the benchmark world's pixel-space model (alternating runs, median of each).
+seeds and steps, on the benchmark world's pixel-space model (alternating runs, median of each),
+for each global-prompt share inside the regions (``--region-base``, generate.region_base).
 
-    python bench/regions_bench.py [--images 48] [--steps 20] [--repeats 3]
+    python bench/regions_bench.py [--images 48] [--steps 20] [--repeats 3] [--region-base 0,0.6]
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--region-base", default="0,0.6", help="comma-separated shares, each timed against plain")
     args = parser.parse_args()
+    bases = [float(b) for b in args.region_base.split(",")]
     from cns.generate import sample_pixels
     from cns.models import load_pretrained
 
@@ -32,17 +35,19 @@ def main() -> None:
     regions = [((0.0, 0.0, 0.5, 1.0), "a red circle on a gray background"),
                ((0.5, 0.0, 1.0, 1.0), "a blue square on a gray background")]
     seeds = list(range(args.images))
-    times = {"plain": [], "regions": []}
+    times: dict[str, list[float]] = {"plain": [], **{f"regions base {b:g}": [] for b in bases}}
     for _ in range(args.repeats):
         for kind in times:
             start = time.perf_counter()
             sample_pixels(model, [prompt] * args.images, seeds, num_inference_steps=args.steps, guidance_scale=3.0,
-                          regions=regions if kind == "regions" else None)
+                          regions=None if kind == "plain" else regions,
+                          region_base=0.0 if kind == "plain" else float(kind.split()[-1]))
             times[kind].append(time.perf_counter() - start)
-    plain, regional = statistics.median(times["plain"]), statistics.median(times["regions"])
+    medians = {kind: statistics.median(t) for kind, t in times.items()}
     print(json.dumps({"images": args.images, "steps": args.steps, "threads": torch.get_num_threads(),
-                      "machine": platform.machine(), "plain_s": round(plain, 2), "regions_s": round(regional, 2),
-                      "ratio": round(regional / plain, 3), "all": times}, indent=1))
+                      "machine": platform.machine(), "median_s": {k: round(v, 2) for k, v in medians.items()},
+                      "ratio": {k: round(v / medians["plain"], 3) for k, v in medians.items() if k != "plain"},
+                      "all": times}, indent=1))
 
 
 if __name__ == "__main__":

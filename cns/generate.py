@@ -27,20 +27,24 @@ def unknown_tokens(model: DiffusionModel, prompt: str) -> list[str]:
     return [t for t in re.findall(r"<[A-Za-z0-9_-]{1,32}>", prompt) if t not in vocab]
 
 
-def regional_states(model: DiffusionModel, regions: list[tuple[Box, str]] | None, batch: int) -> RegionalStates | None:
-    """The regional prompts' text states, repeated for a conditional batch of ``batch`` images."""
+def regional_states(model: DiffusionModel, regions: list[tuple[Box, str]] | None, batch: int,
+                    base: float = 0.0) -> RegionalStates | None:
+    """The regional prompts' text states, repeated for a conditional batch of ``batch`` images;
+    ``base``: the global prompt's share inside the regions (cns.regions)."""
     if not regions:
         return None
     from cns.diffusion import encode_prompts, tokenize
 
     states = encode_prompts(model, tokenize(model, [prompt for _, prompt in regions]))
-    return RegionalStates(boxes=[box for box, _ in regions], states=states[:, None].expand(-1, batch, -1, -1))
+    return RegionalStates(boxes=[box for box, _ in regions], states=states[:, None].expand(-1, batch, -1, -1),
+                          base=base)
 
 
 def generate(model: DiffusionModel, prompts: list[str], config: GenerateConfig, *, resolution: int | None = None,
              progress: bool = True, regions: list[tuple[Box, str]] | None = None) -> list[list[Image.Image]]:
     """``num_images_per_prompt`` images per prompt, seeded per prompt (seed + prompt index).
-    ``regions``: (box, prompt) pairs, each prompt read only inside its box (cns.regions)."""
+    ``regions``: (box, prompt) pairs, each prompt read only inside its box, beside the global
+    prompt's ``config.region_base`` share (cns.regions)."""
     for prompt in [*prompts, *(p for _, p in regions or [])]:
         missing = unknown_tokens(model, prompt)
         if missing:
@@ -52,7 +56,7 @@ def generate(model: DiffusionModel, prompts: list[str], config: GenerateConfig, 
     pipeline.set_progress_bar_config(disable=not progress, leave=False)
     size = resolution or model.native_resolution
     out = []
-    with region_control(model.unet, regional_states(model, regions, config.num_images_per_prompt)):
+    with region_control(model.unet, regional_states(model, regions, config.num_images_per_prompt, config.region_base)):
         for i, prompt in enumerate(prompts):
             generator = torch.Generator(device="cpu").manual_seed(config.seed + i)
             result = pipeline(prompt, num_inference_steps=config.num_inference_steps,
@@ -65,10 +69,12 @@ def generate(model: DiffusionModel, prompts: list[str], config: GenerateConfig, 
 @torch.no_grad()
 def sample_pixels(model: DiffusionModel, prompts: list[str], seeds: list[int], *, num_inference_steps: int,
                   guidance_scale: float, resolution: int | None = None, batch_size: int = 256,
-                  progress: bool = False, regions: list[tuple[Box, str]] | None = None) -> torch.Tensor:
+                  progress: bool = False, regions: list[tuple[Box, str]] | None = None,
+                  region_base: float = 0.0) -> torch.Tensor:
     """Batched DDIM with classifier-free guidance for a pixel-space model: one image per
     (prompt, seed), its start noise from a CPU generator seeded ``seed`` (so an image does not
-    depend on the batch it was drawn in). ``regions`` as in :func:`generate`, for every image.
+    depend on the batch it was drawn in). ``regions`` as in :func:`generate`, for every image,
+    with the global prompt's ``region_base`` share inside them.
     Returns uint8 (n, H, W, 3)."""
     from diffusers import DDIMScheduler
 
@@ -90,7 +96,7 @@ def sample_pixels(model: DiffusionModel, prompts: list[str], seeds: list[int], *
         states = torch.cat([uncond.expand(len(cond), -1, -1), cond])
         x = torch.stack([torch.randn((channels, size, size), generator=torch.Generator().manual_seed(s))
                          for s in batch_seeds]).to(device)
-        with region_control(model.unet, regional_states(model, regions, len(cond))):
+        with region_control(model.unet, regional_states(model, regions, len(cond), region_base)):
             for t in scheduler.timesteps:
                 both = model.unet(torch.cat([x, x]), t.to(device), states).sample
                 eps_u, eps_c = both.chunk(2)
@@ -107,7 +113,7 @@ def _generate_pixels(model: DiffusionModel, prompts: list[str], config: Generate
     seeds = [(config.seed + i) * 1000 + j for i in range(len(prompts)) for j in range(n)]
     images = sample_pixels(model, flat, seeds, num_inference_steps=config.num_inference_steps,
                            guidance_scale=config.guidance_scale, resolution=resolution, progress=progress,
-                           regions=regions)
+                           regions=regions, region_base=config.region_base)
     pil = [Image.fromarray(a.numpy()) for a in images]
     return [pil[i * n:(i + 1) * n] for i in range(len(prompts))]
 

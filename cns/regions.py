@@ -5,6 +5,12 @@ Mix-of-Show, Gu et al. 2023, arXiv 2305.18292, without its ED-LoRA): besides the
 ("a <dog1> dog and a <cat2> cat on a sofa"), each region has its own prompt ("a <dog1> dog on a
 sofa" on the left half). In every cross-attention layer, a query (an image position) inside a
 region reads that region's prompt; a query outside every region reads the global prompt.
+``base`` (``generate.region_base``, ``--region-base``): the global prompt's share inside the regions
+as well (Regional Prompter's "base ratio"). At 0 a region reads its own prompt alone, and a
+single-object prompt there is drawn as one object filling the region. In the benchmark world,
+two base shapes in the left and right halves: both read back right 0% of the time at 0, 6% with
+no regions at all, 50% at 0.6, where the global prompt lays out two objects and each region says
+which (docs/world/regions-base-2026-11-28).
 Masking only the concept's own token outside its region would not be enough: CLIP's text
 encoder is causal, so every word after the token, the end token included, carries it too.
 
@@ -48,9 +54,10 @@ def parse_region(text: str, source: str = "--region") -> tuple[Box, str]:
     return box, prompt.strip()
 
 
-def region_weights(boxes: list[Box], tokens: int) -> torch.Tensor:
+def region_weights(boxes: list[Box], tokens: int, base: float = 0.0) -> torch.Tensor:
     """(regions + 1, tokens) weights of each region's prompt, and last of the global prompt, at
-    each position of a square feature map of ``tokens`` positions (row-major)."""
+    each position of a square feature map of ``tokens`` positions (row-major); inside the
+    regions the global prompt keeps ``base`` of the weight."""
     side = round(tokens ** 0.5)
     if side * side != tokens:
         raise ValueError(f"region control needs square feature maps, got {tokens} positions")
@@ -59,14 +66,15 @@ def region_weights(boxes: list[Box], tokens: int) -> torch.Tensor:
     inside = torch.stack([((x >= x0) & (x < x1) & (y >= y0) & (y < y1)).flatten().float()
                           for x0, y0, x1, y1 in boxes])
     covered = inside.sum(0)
-    regional = inside / covered.clamp(min=1)
-    return torch.cat([regional, (covered == 0).float()[None]])
+    regional = inside / covered.clamp(min=1) * (1 - base)
+    return torch.cat([regional, torch.where(covered == 0, 1.0, base)[None]])
 
 
 @dataclass
 class RegionalStates:
     boxes: list[Box]
     states: torch.Tensor  # (regions, conditional batch, sequence, width): each region's prompt
+    base: float = 0.0  # the global prompt's share inside the regions (region_weights)
 
 
 class RegionalAttnProcessor:
@@ -93,10 +101,11 @@ class RegionalAttnProcessor:
         n = states.shape[1]
         tokens = hidden_states.shape[1]
         if tokens not in self._weights:
-            weights = region_weights(self.regional.boxes, tokens)
+            weights = region_weights(self.regional.boxes, tokens, self.regional.base)
             # Per prompt (each region's, then the global one): the positions that read it. Each
             # query's attention is independent of the others, so reading a prompt only where it
-            # is used is exact and costs about one attention over the image in all.
+            # is used is exact and costs about one attention over the image in all (two where
+            # the global prompt keeps a base share inside the regions).
             self._weights[tokens] = [(w.nonzero().flatten(), w[w > 0]) for w in weights]
         cond = hidden_states[-n:]
         contexts = [*states, encoder_hidden_states[-n:]]

@@ -54,6 +54,9 @@ def _add_library_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region", action="append", default=[], metavar="BOX=PROMPT",
                    help="a regional prompt read only inside BOX (left, right, top, bottom, full or x0,y0,x1,y1 "
                         "in 0..1), e.g. --region 'left=a <dog1> dog on a sofa'; repeat per concept")
+    p.add_argument("--region-base", dest="region_base", type=float, metavar="W",
+                   help="the global prompt's share inside the regions, 0..1 (generate.region_base; "
+                        "0: each region reads its own prompt alone)")
     p.set_defaults(func=library.cmd_generate)
 
     p = sub.add_parser("export", parents=[common], help="write a merged diffusers pipeline directory")

@@ -8,7 +8,9 @@ the lineage names it, and checked against the lineage's weights hash when the mo
 passes ``model_config={"pretrained_model_name_or_path": ...}`` to ``mlflow.pyfunc.load_model``.
 
 Input: a column ``prompt`` (one row per prompt); params ``seed``, ``num_inference_steps``,
-``num_images_per_prompt``, ``guidance_scale`` (defaults: the workspace's ``generate`` section).
+``num_images_per_prompt``, ``guidance_scale``, ``region_base`` (defaults: the workspace's ``generate``
+section) and ``regions``, a list of ``BOX=PROMPT`` strings as ``cns generate --region`` takes them
+(region control, cns.regions; empty: none), for every prompt of the request.
 Output: one row per image, ``prompt``, ``image_index`` and ``image`` (a base64 PNG), which
 ``mlflow models serve`` returns as JSON (README, "Serving a version").
 
@@ -49,6 +51,8 @@ def _signature(defaults: dict):
 
     params = [ParamSpec(name, "long", int(defaults[name])) for name in INT_PARAMS]
     params.append(ParamSpec("guidance_scale", "double", float(defaults["guidance_scale"])))
+    params.append(ParamSpec("region_base", "double", float(defaults.get("region_base", 0.0))))
+    params.append(ParamSpec("regions", "string", [], shape=(-1,)))
     return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
                           outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "image_index"),
                                           ColSpec("string", "image")]),
@@ -72,7 +76,7 @@ def serving_config(config: Config, lineage_base: dict) -> dict:
     return {"pretrained_model_name_or_path": lineage_base["pretrained_model_name_or_path"],
             "revision": lineage_base.get("revision"), "base_hash": lineage_base["hash"],
             "device": config.model.device, "seed": gen.seed, "num_inference_steps": gen.num_inference_steps,
-            "num_images_per_prompt": 1, "guidance_scale": gen.guidance_scale}
+            "num_images_per_prompt": 1, "guidance_scale": gen.guidance_scale, "region_base": gen.region_base}
 
 
 def save_model(model_dir: str | Path, path: str | Path, config: Config) -> Path:
@@ -155,19 +159,23 @@ class CNSModel(mlflow.pyfunc.PythonModel):
                                              "revision": settings.get("revision", lineage["base"].get("revision")),
                                              "device": settings.get("device", "auto")}}, source="model_config")
         self.cumulative = open_model(model_dir, config)
-        self.defaults = {k: settings[k] for k in (*INT_PARAMS, "guidance_scale") if k in settings}
+        self.defaults = {k: settings[k] for k in (*INT_PARAMS, "guidance_scale", "region_base") if k in settings}
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from cns.generate import generate
+        from cns.regions import parse_region
 
         chosen = {**GenerateConfig(num_images_per_prompt=1).__dict__, **self.defaults, **(params or {})}
         try:
             gen = GenerateConfig(**{k: int(chosen[k]) for k in INT_PARAMS},
-                                 guidance_scale=float(chosen["guidance_scale"]))
+                                 guidance_scale=float(chosen["guidance_scale"]), region_base=float(chosen["region_base"]))
             if gen.num_inference_steps < 1 or gen.num_images_per_prompt < 1:
                 raise CNSError("params", "num_inference_steps and num_images_per_prompt must be >= 1", "params_invalid")
+            if not 0 <= gen.region_base <= 1:
+                raise CNSError("params", f"region_base {gen.region_base:g} must be in [0, 1]", "params_invalid")
+            regions = [parse_region(str(text), "params.regions") for text in chosen.get("regions") or []]
             prompts = _prompts(model_input)
-            images = generate(self.cumulative.model, prompts, gen, progress=False)
+            images = generate(self.cumulative.model, prompts, gen, progress=False, regions=regions)
         except CNSError as exc:
             raise _invalid(exc) from exc
         return pd.DataFrame([{"prompt": prompt, "image_index": j, "image": _png_base64(image)}

@@ -65,3 +65,31 @@ def test_an_unknown_token_is_a_bad_request_not_a_crash(saved):
     with pytest.raises(MlflowException, match="not learned") as caught:
         model.predict(pd.DataFrame({"prompt": ["a photo of a <nobody> dog"]}))
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_the_pyfunc_takes_regions_as_cns_generate_does_and_a_bad_region_is_a_bad_request(saved, two_concepts):
+    import numpy as np
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from cns.config import GenerateConfig
+    from cns.generate import generate
+    from cns.regions import parse_region
+
+    model = mlflow.pyfunc.load_model(str(saved))
+    tokens = [r.token for r in two_concepts.records]
+    prompt = f"a {tokens[0]} dog and a {tokens[1]} cat"
+    regions = [f"left=a photo of a {tokens[0]} dog", f"right=a photo of a {tokens[1]} cat"]
+    params = {"seed": 5, "num_inference_steps": 2, "regions": regions, "region_base": 0.5}
+    out = model.predict(pd.DataFrame({"prompt": [prompt]}), params=params)
+    gen = GenerateConfig(num_inference_steps=2, num_images_per_prompt=1, seed=5, region_base=0.5,
+                         guidance_scale=two_concepts.config.generate.guidance_scale)
+    expected = generate(two_concepts.cumulative.model, [prompt], gen, progress=False,
+                        regions=[parse_region(r) for r in regions])[0][0]
+    assert np.array_equal(_decode(out["image"][0]), np.asarray(expected.convert("RGB")))
+    plain = model.predict(pd.DataFrame({"prompt": [prompt]}), params={"seed": 5, "num_inference_steps": 2})
+    assert not np.array_equal(_decode(plain["image"][0]), _decode(out["image"][0])), "the regions must show"
+    for bad, where in ((["middle=a dog"], "params.regions"), (["left=a <nobody> dog"], "not learned")):
+        with pytest.raises(MlflowException, match=where) as caught:
+            model.predict(pd.DataFrame({"prompt": [prompt]}), params={"regions": bad, "num_inference_steps": 1})
+        assert caught.value.error_code == "INVALID_PARAMETER_VALUE"

@@ -42,6 +42,17 @@ def test_region_weights_share_every_position_out_to_sum_one():
     assert torch.all(grid[0, :, 2:4] == 0.5) and torch.all(grid[1, :, 4:] == 1)
 
 
+def test_a_base_share_keeps_the_global_prompt_inside_the_regions_and_weights_still_sum_to_one():
+    from cns.regions import NAMED, region_weights
+
+    weights = region_weights([NAMED["left"], (0.25, 0.0, 1.0, 1.0)], 64, base=0.6).reshape(3, 8, 8)
+    assert torch.allclose(weights.sum(0), torch.ones(8, 8))
+    assert torch.allclose(weights[2], torch.full((8, 8), 0.6)), "every position is inside a box: the global keeps 0.6"
+    assert torch.allclose(weights[0, :, :2], torch.tensor(0.4)) and torch.allclose(weights[0, :, 2:4], torch.tensor(0.2))
+    alone = region_weights([NAMED["left"]], 64, base=0.6).reshape(2, 8, 8)
+    assert torch.all(alone[1, :, 4:] == 1) and torch.all(alone[0, :, 4:] == 0), "outside every box: the global alone"
+
+
 def test_outside_every_region_cross_attention_is_exactly_the_global_prompts(world_model):
     from cns.diffusion import encode_prompts, tokenize
     from cns.regions import NAMED, RegionalAttnProcessor, RegionalStates
@@ -61,6 +72,13 @@ def test_outside_every_region_cross_attention_is_exactly_the_global_prompts(worl
     assert torch.allclose(mixed[:, right], plain[:, right], atol=1e-6), "outside the box: the global prompt only"
     assert torch.allclose(mixed[0], plain[0], atol=1e-6), "the unconditional half is left alone"
     assert (mixed[1, left] - plain[1, left]).abs().max() > 1e-3, "inside the box: the regional prompt"
+    # with a base share, a position inside the box reads the two prompts' mixture (the output projection is linear)
+    attn.set_processor(RegionalAttnProcessor(RegionalStates([NAMED["left"]], regional[:, None], base=0.25)))
+    with torch.no_grad():
+        shared = attn(x, encoder_hidden_states=states)
+    attn.set_processor(original)
+    assert torch.allclose(shared[1, left], 0.25 * plain[1, left] + 0.75 * mixed[1, left], atol=1e-5)
+    assert torch.allclose(shared[:, right], plain[:, right], atol=1e-6)
 
 
 def test_a_full_image_region_with_the_global_prompt_changes_nothing_and_processors_come_back(world_model):
@@ -89,3 +107,8 @@ def test_cns_generate_takes_regions_on_the_latent_tiny_model(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "a dog", "--region", "middle=a dog",
                           "--model-dir", str(tmp_path / "model"), "-q"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--region" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    share = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "a dog", "--region", "left=a dog",
+                            "--region-base", "1.5", "--out", str(tmp_path / "share"), "--model-dir",
+                            str(tmp_path / "model"), "-q"], capture_output=True, text=True, cwd=ROOT)
+    assert share.returncode == 2 and "--region-base" in share.stderr and len(share.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "share").exists()

@@ -412,3 +412,5 @@ def test_a_cached_run_is_reused_only_under_the_settings_it_was_computed_with(tmp
     # CNS's own settings do not touch the other methods' cells (the gate's all-K/V cells stay valid)
     assert key("single_kv") == key("single_kv", base_ratio=0.1) == key("single_kv", cns={"train": {"protect_earlier": 0.9}})
     assert key("cns") != key("cns", cns={"train": {"protect_earlier": 0.9}})
+    # region control's share changes the two-concept readings of a combined model, not a single concept's
+    assert key("cns") != key("cns", region_base=0.3) and key("single_kv") == key("single_kv", region_base=0.3)

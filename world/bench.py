@@ -119,6 +119,10 @@ class BenchSettings:
     base_ratio: float = 0.25
     images_per_concept: int = 5
     noise_per_background: int = 4  # x 6 backgrounds = 24 samples per concept
+    # Region control's global-prompt share inside the halves (generate.region_base), chosen on base
+    # shapes, not concepts: both of two shapes right 50% at 0.6, 0% at 0, 6% without regions
+    # (docs/world/regions-base-2026-11-28)
+    region_base: float = 0.6
     steps: int | None = None  # overrides every method's tuned steps (the smoke run)
     model_dir: str = str(MODEL_DIR)
     tuned: str | None = "docs/world/tuned.json"
@@ -322,7 +326,8 @@ def zero_shot(model, judge, seed: int = 50_000) -> tuple[dict, np.ndarray]:
 def two_concepts(model, ctx: Context, indices: list[int], seed: int = 60_000, regions: bool = False) -> dict:
     """Each concept with the next one in one prompt, left and right ("a <a> glyph and a <b> glyph on
     a .. background"), ``noise_per_background`` samples per pair; with ``regions``, each concept's
-    own caption is read only in its half (cns.regions, the same as ``cns generate --region``).
+    own caption is read in its half beside the global prompt's ``region_base`` share (cns.regions,
+    the same as ``cns generate --region --region-base``).
     ``both_per_pair``: the share of each pair's samples with both halves right."""
     from cns.regions import NAMED
 
@@ -336,7 +341,7 @@ def two_concepts(model, ctx: Context, indices: list[int], seed: int = 60_000, re
         prompt = caption([Obj(concept=a), Obj(concept=b)], bg)
         halves = [(NAMED["left"], caption([Obj(concept=a)], bg)), (NAMED["right"], caption([Obj(concept=b)], bg))]
         images.append(sample(model, [prompt] * per, [seed + 100 * i + j for j in range(per)],
-                             regions=halves if regions else None))
+                             regions=halves if regions else None, region_base=ctx.settings.region_base))
         all_pairs += [(a, b)] * per
         bgs += [bg] * per
     reads = ctx.judge.read_pair(np.concatenate(images))
@@ -682,6 +687,8 @@ def run_key(ctx: Context, method: Method | None = None, seed: int = 0, hyper: Hy
                  "seed": seed, "hyper": asdict(hyper), "lora_rank": settings.lora_rank,
                  "train": {k: v for k, v in asdict(config.train).items()
                            if k != "log_every" and ADDED_OFF.get(f"train.{k}", object()) != v}}
+        if method.combine != "alone" and settings.region_base:  # the two-concept readings with regions
+            what["region_base"] = settings.region_base
         if method.learner == "cns":  # only CNS scores, selects and reads general neurons
             what |= {"scoring": asdict(config.scoring), "selection": asdict(config.selection),
                      "calibration": calibration}

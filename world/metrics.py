@@ -27,9 +27,10 @@ from world.scene import BACKGROUNDS, GLYPH, HELDOUT_PAIRS, Obj, WorldConcept, ca
 SAMPLING = {"num_inference_steps": 20, "guidance_scale": 3.0}
 
 
-def sample(model: DiffusionModel, prompts: list[str], seeds: list[int], regions=None) -> np.ndarray:
+def sample(model: DiffusionModel, prompts: list[str], seeds: list[int], regions=None,
+           region_base: float = 0.0) -> np.ndarray:
     """uint8 samples; ``regions`` (cns.regions) apply to every prompt of the call."""
-    return sample_pixels(model, prompts, seeds, regions=regions, **SAMPLING).numpy()
+    return sample_pixels(model, prompts, seeds, regions=regions, region_base=region_base, **SAMPLING).numpy()
 
 
 def base_prompts(which: str, per_pair: int = 1, seed: int = 0) -> list[tuple[str, str, str]]:
