@@ -74,3 +74,8 @@ for variant in args.variant or ["reg"]:
     print(f"{args.concept} {variant}{tag} rows {args.ratio:g} ({run['rows']}){closed} {args.steps} steps lr {args.lr:g} token lr {args.token_lr:g}: "
           f"identity {r['identity']:.2f} bitmap {r['bitmap']:.2f} similarity {r['similarity']:.2f}{drift} "
           f"({time.time() - start:.0f} s)", flush=True)
+    if run.get("pairs"):  # several concepts in sequence: each with the next in one image, left and right
+        independent = sum(run["pairs_independent"]) / len(run["pairs_independent"])
+        print(f"  two concepts in one image, both right: plain {run['pairs']['pair_both']:.2f}, regions "
+              f"{run['pairs_regions']['pair_both']:.2f} (base {ctx.settings.region_base:g}), independent {independent:.2f} "
+              f"({run['pairs']['samples']} samples each)", flush=True)
