@@ -79,7 +79,6 @@ def _add_library_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_world_commands(sub: argparse._SubParsersAction) -> None:
     from world.judge import JUDGE_DIR
-    from world.model import CHECKPOINT_DIR, MODEL_DIR
     from world.scene import CONCEPTS_FILE
 
     parser = sub.add_parser("world", help="build the benchmark world (judge, pretrained model, concept folders)")
@@ -94,7 +93,7 @@ def _add_world_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: world.pretrain.batch_size of --params")
     p.add_argument("--width", type=int, default=None,
                    help="K/V rows per cross-attention layer and text width (default: world.pretrain.width of --params, 64); "
-                        "another width needs its own --checkpoint and --out")
+                        "another width has its own folders: data/world/pretrain-W and model-W")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="stop (checkpoint saved) after this much wall clock; run again to resume")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
@@ -102,8 +101,9 @@ def _add_world_commands(sub: argparse._SubParsersAction) -> None:
     e = wsub.add_parser("export", help="write the checkpoint's EMA weights as the model folder (even mid-run)")
     e.set_defaults(func=world.export)
     for q in (p, e):
-        q.add_argument("--checkpoint", default=str(CHECKPOINT_DIR))
-        q.add_argument("--out", default=str(MODEL_DIR))
+        q.add_argument("--checkpoint", default=None,
+                       help="default: data/world/pretrain (pretrain-W for another width W)")
+        q.add_argument("--out", default=None, help="default: data/world/model (model-W for another width W)")
         q.add_argument("--judge", default=str(JUDGE_DIR))
         q.add_argument("--eval-per-pair", type=int, default=4)
         q.add_argument("--no-eval", action="store_true", help="skip the held-out caption evaluation")

@@ -74,10 +74,13 @@ def test_a_wider_world_has_wider_k_v_layers_and_old_checkpoints_resume_at_the_de
     from cns.errors import CNSError
     from cns.models import load_pretrained
     from cns.neurons import kv_layers
-    from world.model import Checkpoint, PretrainConfig, export_model, pretrain
+    from world.model import MODEL_DIR, Checkpoint, PretrainConfig, export_model, model_dir_for, pretrain, world_dirs
 
     wide = PretrainConfig(steps=1, batch_size=2, warmup_steps=1, width=32)
     pretrain(tmp_path / "wide", wide, progress=False)
+    # each width has its own folders by default, so a wider world never resumes or exports over the committed one
+    assert [p.name for p in world_dirs(32)] == ["pretrain-32", "model-32"] and world_dirs(64)[1] == MODEL_DIR
+    assert model_dir_for(tmp_path / "wide") == MODEL_DIR.with_name("model-32")
     export_model(tmp_path / "wide", tmp_path / "model")
     model = load_pretrained(str(tmp_path / "model"))
     assert {layer.linear.out_features for layer in kv_layers(model.unet)} == {32}
@@ -91,6 +94,7 @@ def test_a_wider_world_has_wider_k_v_layers_and_old_checkpoints_resume_at_the_de
     state = json.loads(state_file.read_text())
     del state["config"]["width"]
     state_file.write_text(json.dumps(state))
+    assert model_dir_for(tmp_path / "old") == MODEL_DIR
     assert pretrain(tmp_path / "old", default, progress=False)["step"] == 2
 
 

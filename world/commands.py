@@ -30,7 +30,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from world.model import pretrain
+    from world.model import pretrain, world_dirs
     from world.params import check_width, pretrain_config
 
     config = pretrain_config(args.params)
@@ -41,6 +41,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.width:  # e.g. 128: CNS at SD-like row budgets (world.model.PretrainConfig.width)
         check_width(args.width, "cns world pretrain", "--width")
         config = replace(config, width=args.width)
+    checkpoint, out = world_dirs(config.width)
+    args.checkpoint, args.out = args.checkpoint or str(checkpoint), args.out or str(out)
     state = pretrain(args.checkpoint, config, device=_device(args.device), budget_minutes=args.budget_minutes,
                      checkpoint_minutes=args.checkpoint_minutes, progress=not args.quiet)
     print(f"pretraining: step {state['step']} of {config.steps}, {state['train_seconds'] / 60:.1f} min in all; "
@@ -52,7 +54,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from world.model import export_model
+    from world.model import CHECKPOINT_DIR, export_model, model_dir_for
+
+    args.checkpoint = args.checkpoint or str(CHECKPOINT_DIR)
+    args.out = args.out or str(model_dir_for(args.checkpoint))
 
     def evaluate(model):
         from world.judge import load_judge

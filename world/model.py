@@ -40,6 +40,22 @@ MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "world" / "model"
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "data" / "world" / "pretrain"
 
 
+def world_dirs(width: int) -> tuple[Path, Path]:
+    """The pretraining checkpoint and model folders of a world ``width`` wide: data/world/pretrain
+    and data/world/model at 64 (the committed model), data/world/pretrain-W and model-W otherwise,
+    so a wider world never resumes from, or exports over, another width's files."""
+    if width == 64:
+        return CHECKPOINT_DIR, MODEL_DIR
+    return CHECKPOINT_DIR.with_name(f"pretrain-{width}"), MODEL_DIR.with_name(f"model-{width}")
+
+
+def model_dir_for(checkpoint_dir: str | Path) -> Path:
+    """Where a checkpoint's model goes by default: the model folder of its width (a checkpoint
+    written before the width setting is 64 wide), so a wider world never overwrites data/world/model."""
+    saved = Checkpoint(checkpoint_dir)
+    return world_dirs(saved.state()["config"].get("width", 64) if saved.exists() else 64)[1]
+
+
 @dataclass
 class PretrainConfig:
     """Everything that decides the trained weights (a checkpoint resumes only under the same)."""
