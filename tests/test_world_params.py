@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,6 +24,21 @@ def test_the_pretrain_params_are_the_committed_checkpoints_config():
     if state.is_file():
         # a setting added later (width) is read at its default from an older checkpoint, as pretrain does
         assert PretrainConfig(**json.loads(state.read_text())["config"]) == pretrain_config()
+
+
+def test_the_wider_worlds_params_differ_only_in_width_and_folders_and_match_its_checkpoint():
+    from dataclasses import replace
+
+    from world.model import world_dirs
+
+    wide = PARAMS_FILE.with_name("params-128.yaml")
+    assert pretrain_config(wide) == replace(PretrainConfig(), width=128)
+    checkpoint, model = world_dirs(128)
+    settings = bench_settings(wide)
+    assert Path(settings.model_dir) == model.relative_to(PARAMS_FILE.parents[2])
+    assert replace(settings, model_dir=BenchSettings().model_dir, tuned=BenchSettings().tuned) == BenchSettings()
+    if (checkpoint / "state.json").is_file():  # the CPU pretraining of 2026-11-28 on, resumed by that file
+        assert PretrainConfig(**json.loads((checkpoint / "state.json").read_text())["config"]) == pretrain_config(wide)
 
 
 def test_the_bench_params_are_the_full_runs_defaults():
