@@ -49,17 +49,17 @@ def world_settings(params: dict) -> dict:
     params["train"].update(train_batch_size=4, random_flip=False, **DEMO_TRAIN)
     sampler = {"num_inference_steps": 20, "guidance_scale": 3.0}
     params["evaluate"].update(prompts=[PROMPT.replace("{token} glyph", "{token} {class_noun}")], **sampler)
-    params["generate"].update(**sampler)
+    params["generate"].update(region_base=bench.region_base, **sampler)  # the world's share (docs/world/regions-base-2026-11-28)
     return params
 
 
 def before_and_after(model_dir, config, path) -> list[str]:
     """One row per concept: a training photo, the base model's sample of the concept's prompt,
     and two samples after learning (the same seeds as the base model's)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     from cns.cumulative import open_model
-    from cns.generate import grid, sample_pixels
+    from cns.generate import sample_pixels
     from cns.models import load_pretrained
 
     base = load_pretrained(config.model.pretrained_model_name_or_path)
@@ -74,14 +74,51 @@ def before_and_after(model_dir, config, path) -> list[str]:
         after = sample_pixels(learned, [prompt] * 2, seeds, num_inference_steps=20, guidance_scale=3.0)
         rows.append([Image.open(WORLD / "concepts" / name / "00.png").convert("RGB"),
                      *[Image.fromarray(a) for a in before.numpy()], *[Image.fromarray(a) for a in after.numpy()]])
+    save_labelled(rows, ("training photo", "base model", "learned", "learned"), path)
+    return prompts
+
+
+def save_labelled(rows, labels, path) -> None:
+    """The rows of images as one grid of 96 px cells, a label over each column."""
+    from PIL import Image, ImageDraw
+
+    from cns.generate import grid
+
     canvas = grid(rows, cell=96)
     labelled = Image.new("RGB", (canvas.width, canvas.height + 18), "white")
     labelled.paste(canvas, (0, 18))
     draw = ImageDraw.Draw(labelled)
-    for i, label in enumerate(("training photo", "base model", "learned", "learned")):
+    for i, label in enumerate(labels):
         draw.text((96 * i + 4, 3), label, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     labelled.save(path)
+
+
+def together(model_dir, config, path) -> list[str]:
+    """Each concept with the next in one image, "a <a> glyph and a <b> glyph on a gray background":
+    two samples of the plain prompt, then the same seeds with region control (each concept's own
+    caption in its half, the global prompt's ``generate.region_base`` share beside it)."""
+    from PIL import Image
+
+    from cns.cumulative import open_model
+    from cns.generate import sample_pixels
+    from cns.regions import NAMED
+
+    learned = open_model(model_dir, config).model
+    tokens = [yaml.safe_load((WORLD / "concepts" / name / "concept.yaml").read_text())["token"] for name in CONCEPTS]
+    rows, prompts = [], []
+    for k, (a, b) in enumerate(zip(tokens, tokens[1:] + tokens[:1])):
+        prompt = f"a {a} glyph and a {b} glyph on a gray background"
+        prompts.append(prompt)
+        halves = [(NAMED["left"], PROMPT.format(token=a)), (NAMED["right"], PROMPT.format(token=b))]
+        seeds = [200 + 10 * k, 201 + 10 * k]
+        kwargs = {"num_inference_steps": config.generate.num_inference_steps,
+                  "guidance_scale": config.generate.guidance_scale}
+        plain = sample_pixels(learned, [prompt] * 2, seeds, **kwargs)
+        placed = sample_pixels(learned, [prompt] * 2, seeds, regions=halves, region_base=config.generate.region_base,
+                               **kwargs)
+        rows.append([Image.fromarray(x) for x in [*plain.numpy(), *placed.numpy()]])
+    save_labelled(rows, ("plain prompt", "plain prompt", "regions", "regions"), path)
     return prompts
 
 
@@ -131,6 +168,9 @@ def main() -> int:
     prompts = before_and_after(ws.model_dir, ws.config(), OUT / "samples" / "grid.png")
     print("\n".join(f"row {k + 1}: {p}" for k, p in enumerate(prompts)))
     print(format_table(*info(ws.model_dir)))
+    say("two concepts in one image (left | right), the prompt alone and with region control")
+    pairs = together(ws.model_dir, ws.config(), OUT / "samples" / "together.png")
+    print("\n".join(f"row {k + 1}: {p}" for k, p in enumerate(pairs)))
 
     from mlflow import MlflowClient
 
@@ -148,7 +188,7 @@ def main() -> int:
           f"{config.root / stack.MLFLOW_AUTH_FILE} (.venv/bin/cns stack env prints both)")
     print(f"Prefect:         {config.prefect_api_url.removesuffix('/api')} (flow runs watch and nightly; "
           f"the browser asks for the auth string in {config.root / stack.PREFECT_AUTH_FILE})")
-    print(f"samples:         {OUT / 'samples'} (grid.png); per-version metrics: {ws.metrics_dir}")
+    print(f"samples:         {OUT / 'samples'} (grid.png, together.png); per-version metrics: {ws.metrics_dir}")
     print("stop the servers: .venv/bin/cns stack down")
     return 0
 
