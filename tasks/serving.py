@@ -173,7 +173,9 @@ class CNSModel(mlflow.pyfunc.PythonModel):
                 raise CNSError("params", "num_inference_steps and num_images_per_prompt must be >= 1", "params_invalid")
             if not 0 <= gen.region_base <= 1:
                 raise CNSError("params", f"region_base {gen.region_base:g} must be in [0, 1]", "params_invalid")
-            regions = [parse_region(str(text), "params.regions") for text in chosen.get("regions") or []]
+            raw = chosen.get("regions")
+            raw = [] if raw is None else [raw] if isinstance(raw, str) else list(raw)
+            regions = [parse_region(str(text), "params.regions") for text in raw]
             prompts = _prompts(model_input)
             images = generate(self.cumulative.model, prompts, gen, progress=False, regions=regions)
         except CNSError as exc:

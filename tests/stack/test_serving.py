@@ -122,7 +122,10 @@ def test_mlflow_models_serve_answers_an_invocation_with_images_from_a_cold_start
 
     _, name = versions
     port = _free_port()
-    body = {"dataframe_records": [{"prompt": _prompt()}], "params": {"num_inference_steps": 2, "seed": 7}}
+    # region control through JSON too: a list param (the first concept alone in the left half)
+    body = {"dataframe_records": [{"prompt": _prompt()}],
+            "params": {"num_inference_steps": 2, "seed": 7, "regions": [f"left=a {token_for(CONCEPTS[0])} thing"],
+                       "region_base": 0.5}}
     import torch
 
     log = (tmp_path / "serve.log").open("w")
