@@ -9,15 +9,21 @@
 #      finish are cached; gate.json and tuned.json are written when their cells are all in.
 #   sd15: SD-1.5 step timings, bench/train_bench.py on SD-1.5's UNet at 512 px (64x64 latents).
 #   wide: pretrain a WIDE-wide world (default 128 K/V rows a layer, `cns world pretrain --width`) for
-#      WIDE_MIN minutes, resuming from data/world/pretrain-WIDE when a session committed one; runs
-#      first when asked for. At 64 wide CNS needed half a layer's rows (docs/world/cns-probe-2026-11-27);
-#      a wider world tests it at SD-like budgets. Result: world-WIDE.tar.gz (checkpoint, and the
-#      model folder once finished; unpack it at the repository root and commit).
+#      WIDE_MIN minutes at the GPU's batch (WIDE_BATCH 256, WIDE_STEPS 3000: 768 k scenes, twice the
+#      CPU run's), in its own folder data/world/pretrain-WIDE-gpu; runs first when asked for. At 64
+#      wide CNS needed half a layer's rows (docs/world/cns-probe-2026-11-27); a wider world tests it
+#      at SD-like budgets. The checkpoint (77 MB at 128: weights, EMA, Adam's moments) cannot come
+#      back (16 MiB a file, 64 MiB in all) nor travel (64 MiB with the tree), so the CPU's own run
+#      (data/world/pretrain-128, kept on the machine that trains it) is not resumed here. Result:
+#      the exported model (EMA weights; mid-run if not finished) as model-WIDE.tar.part-* of 15 MB:
+#      `cat model-WIDE.tar.part-* | tar -xf -` at the repository root gives data/world/model-WIDE.
 #
 # Usage (repository root; the device tool sets OUT; .whl holds the wheels the machine lacks:
 # diffusers, `pip download --no-deps diffusers==<.venv's version>` for Python 3.12):
 #   BUDGET=540 SHARDS=12 PARTS="tune sd15" bash bench/gpu_session.sh
-#   BUDGET=540 PARTS="wide tune" WIDE=128 WIDE_MIN=6 bash bench/gpu_session.sh
+#   BUDGET=540 PARTS="wide" WIDE=128 WIDE_MIN=7 bash bench/gpu_session.sh
+# (wide alone: its model parts take most of what may come back, 52 MB at 128 wide; dry-run on CPU with
+# DEVICE=cpu WIDE_STEPS=3 WIDE_BATCH=2 WIDE_MIN=1 and the venv's python3 first on PATH: 23 s, 4 parts)
 # Results under $OUT: world-tune.tar.gz (the sweep's whole cache: run records and sample strips;
 # unpack it over docs/world/tune-cache), gate.json / tuned.json when complete,
 # train_sd15.{md,json}, session.log. Run on 2026-11-27 (one H100): docs/benchmarks.md, docs/world.md.
@@ -49,13 +55,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>
 if [[ " $PARTS " == *" wide "* ]]; then
 WIDE=${WIDE:-128}
 WIDE_MIN=${WIDE_MIN:-6}
-log "pretraining a ${WIDE}-wide world for ${WIDE_MIN} min (data/world/pretrain-$WIDE)"
+WIDE_BATCH=${WIDE_BATCH:-256}
+WIDE_STEPS=${WIDE_STEPS:-3000}
+log "pretraining a ${WIDE}-wide world for ${WIDE_MIN} min, batch $WIDE_BATCH, $WIDE_STEPS steps (data/world/pretrain-$WIDE-gpu)"
 timeout --signal=TERM $(( ${WIDE_MIN%.*} * 60 + 120 )) python3 -m flows.cli world pretrain --width "$WIDE" \
-  --checkpoint "data/world/pretrain-$WIDE" --out "data/world/model-$WIDE" --budget-minutes "$WIDE_MIN" \
-  --checkpoint-minutes 2 --device "$DEVICE" -q >>"$OUT/session.log" 2>&1 || log "pretraining stopped with an error"
-tar -czf "$OUT/world-$WIDE.tar.gz" "data/world/pretrain-$WIDE" $([ -d "data/world/model-$WIDE" ] && echo "data/world/model-$WIDE") \
-  2>>"$OUT/session.log"
-log "wide part done"
+  --batch-size "$WIDE_BATCH" --steps "$WIDE_STEPS" --checkpoint "data/world/pretrain-$WIDE-gpu" \
+  --out "data/world/model-$WIDE" --budget-minutes "$WIDE_MIN" --checkpoint-minutes 2 --device "$DEVICE" --no-eval -q \
+  >>"$OUT/session.log" 2>&1 || log "pretraining stopped with an error"
+[ -d "data/world/model-$WIDE" ] || python3 -m flows.cli world export --checkpoint "data/world/pretrain-$WIDE-gpu" \
+  --out "data/world/model-$WIDE" --device "$DEVICE" --no-eval >>"$OUT/session.log" 2>&1 || log "export failed"
+cp "data/world/pretrain-$WIDE-gpu/state.json" "$OUT/pretrain-$WIDE-state.json" 2>/dev/null
+tar -cf - "data/world/model-$WIDE" 2>>"$OUT/session.log" | split -b 15M - "$OUT/model-$WIDE.tar.part-"
+log "wide part done: $(ls "$OUT" | grep -c "model-$WIDE.tar.part-") parts"
 fi
 
 # ---- the tune sweep, sharded -------------------------------------------------------------------
