@@ -5,14 +5,15 @@ Mix-of-Show, Gu et al. 2023, arXiv 2305.18292, without its ED-LoRA): besides the
 ("a <dog1> dog and a <cat2> cat on a sofa"), each region has its own prompt ("a <dog1> dog on a
 sofa" on the left half). In every cross-attention layer, a query (an image position) inside a
 region reads that region's prompt; a query outside every region reads the global prompt.
+Masking only the concept's own token outside its region would not be enough: CLIP's text
+encoder is causal, so every word after the token, the end token included, carries it too.
+
 ``base`` (``generate.region_base``, ``--region-base``): the global prompt's share inside the regions
 as well (Regional Prompter's "base ratio"). At 0 a region reads its own prompt alone, and a
 single-object prompt there is drawn as one object filling the region. In the benchmark world,
 two base shapes in the left and right halves: both read back right 0% of the time at 0, 6% with
 no regions at all, 50% at 0.6, where the global prompt lays out two objects and each region says
 which (docs/world/regions-base-2026-11-28).
-Masking only the concept's own token outside its region would not be enough: CLIP's text
-encoder is causal, so every word after the token, the end token included, carries it too.
 
 Installed as a diffusers attention processor on every cross-attention module (``attn2``), then
 the original processors are put back; it works for any UNet2DConditionModel that ``cns`` loads
