@@ -35,13 +35,13 @@ def main() -> None:
     regions = [((0.0, 0.0, 0.5, 1.0), "a red circle on a gray background"),
                ((0.5, 0.0, 1.0, 1.0), "a blue square on a gray background")]
     seeds = list(range(args.images))
-    times: dict[str, list[float]] = {"plain": [], **{f"regions base {b:g}": [] for b in bases}}
+    kinds = {"plain": None, **{f"regions base {b:g}": b for b in bases}}  # name -> share (None: no regions)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.repeats):
-        for kind in times:
+        for kind, base in kinds.items():
             start = time.perf_counter()
             sample_pixels(model, [prompt] * args.images, seeds, num_inference_steps=args.steps, guidance_scale=3.0,
-                          regions=None if kind == "plain" else regions,
-                          region_base=0.0 if kind == "plain" else float(kind.split()[-1]))
+                          regions=None if base is None else regions, region_base=base or 0.0)
             times[kind].append(time.perf_counter() - start)
     medians = {kind: statistics.median(t) for kind, t in times.items()}
     print(json.dumps({"images": args.images, "steps": args.steps, "threads": torch.get_num_threads(),

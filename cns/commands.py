@@ -65,17 +65,15 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from cns.cumulative import open_model
-    from cns.errors import CNSError
     from cns.generate import generate, grid, save_images
-    from cns.regions import parse_region
+    from cns.regions import check_base, parse_region
 
     config = _config(args)
     # The options are the generate section's keys; the config itself is not changed.
     gen = dataclasses.replace(config.generate, **{key: getattr(args, key) for key in
                                                    ("num_images_per_prompt", "num_inference_steps", "seed",
                                                     "region_base") if getattr(args, key) is not None})
-    if not 0 <= gen.region_base <= 1:
-        raise CNSError("--region-base", f"{gen.region_base:g} must be in [0, 1]", "region_invalid")
+    check_base(gen.region_base, "--region-base")
     regions = [parse_region(text) for text in args.region]
     cumulative = open_model(_model_dir(args, config), config)
     images = generate(cumulative.model, args.prompts, gen, progress=not args.quiet, regions=regions)

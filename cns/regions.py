@@ -55,6 +55,13 @@ def parse_region(text: str, source: str = "--region") -> tuple[Box, str]:
     return box, prompt.strip()
 
 
+def check_base(base: float, source: str) -> float:
+    """``base`` (the global prompt's share inside the regions) if it is in [0, 1], else a one-line error naming ``source``."""
+    if not 0 <= base <= 1:
+        raise CNSError(source, f"region base {base:g} must be in [0, 1]", "region_invalid")
+    return base
+
+
 def region_weights(boxes: list[Box], tokens: int, base: float = 0.0) -> torch.Tensor:
     """(regions + 1, tokens) weights of each region's prompt, and last of the global prompt, at
     each position of a square feature map of ``tokens`` positions (row-major); inside the

@@ -53,20 +53,21 @@ def world_settings(params: dict) -> dict:
     return params
 
 
-def before_and_after(model_dir, config, path) -> list[str]:
+def concept_tokens() -> list[str]:
+    return [yaml.safe_load((WORLD / "concepts" / name / "concept.yaml").read_text())["token"] for name in CONCEPTS]
+
+
+def before_and_after(learned, config, path) -> list[str]:
     """One row per concept: a training photo, the base model's sample of the concept's prompt,
-    and two samples after learning (the same seeds as the base model's)."""
+    and two samples of the ``learned`` model (the same seeds as the base model's)."""
     from PIL import Image
 
-    from cns.cumulative import open_model
     from cns.generate import sample_pixels
     from cns.models import load_pretrained
 
     base = load_pretrained(config.model.pretrained_model_name_or_path)
-    learned = open_model(model_dir, config).model
     rows, prompts = [], []
-    for k, name in enumerate(CONCEPTS):
-        token = yaml.safe_load((WORLD / "concepts" / name / "concept.yaml").read_text())["token"]
+    for k, (name, token) in enumerate(zip(CONCEPTS, concept_tokens())):
         prompt = PROMPT.format(token=token)
         prompts.append(prompt)
         seeds = [100 + 10 * k, 101 + 10 * k]
@@ -94,18 +95,16 @@ def save_labelled(rows, labels, path) -> None:
     labelled.save(path)
 
 
-def together(model_dir, config, path) -> list[str]:
+def together(learned, config, path) -> list[str]:
     """Each concept with the next in one image, "a <a> glyph and a <b> glyph on a gray background":
     two samples of the plain prompt, then the same seeds with region control (each concept's own
     caption in its half, the global prompt's ``generate.region_base`` share beside it)."""
     from PIL import Image
 
-    from cns.cumulative import open_model
     from cns.generate import sample_pixels
     from cns.regions import NAMED
 
-    learned = open_model(model_dir, config).model
-    tokens = [yaml.safe_load((WORLD / "concepts" / name / "concept.yaml").read_text())["token"] for name in CONCEPTS]
+    tokens = concept_tokens()
     rows, prompts = [], []
     for k, (a, b) in enumerate(zip(tokens, tokens[1:] + tokens[:1])):
         prompt = f"a {a} glyph and a {b} glyph on a gray background"
@@ -163,13 +162,16 @@ def main() -> int:
     report = nightly(str(ws.root))
 
     say("each concept before and after learning (training photo | base model | learned model)")
+    from cns.cumulative import open_model
     from cns.info import format_table, info
 
-    prompts = before_and_after(ws.model_dir, ws.config(), OUT / "samples" / "grid.png")
+    settings = ws.config()
+    learned = open_model(ws.model_dir, settings).model
+    prompts = before_and_after(learned, settings, OUT / "samples" / "grid.png")
     print("\n".join(f"row {k + 1}: {p}" for k, p in enumerate(prompts)))
     print(format_table(*info(ws.model_dir)))
     say("two concepts in one image (left | right), the prompt alone and with region control")
-    pairs = together(ws.model_dir, ws.config(), OUT / "samples" / "together.png")
+    pairs = together(learned, settings, OUT / "samples" / "together.png")
     print("\n".join(f"row {k + 1}: {p}" for k, p in enumerate(pairs)))
 
     from mlflow import MlflowClient

@@ -163,7 +163,7 @@ class CNSModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from cns.generate import generate
-        from cns.regions import parse_region
+        from cns.regions import check_base, parse_region
 
         chosen = {**GenerateConfig(num_images_per_prompt=1).__dict__, **self.defaults, **(params or {})}
         try:
@@ -171,8 +171,7 @@ class CNSModel(mlflow.pyfunc.PythonModel):
                                  guidance_scale=float(chosen["guidance_scale"]), region_base=float(chosen["region_base"]))
             if gen.num_inference_steps < 1 or gen.num_images_per_prompt < 1:
                 raise CNSError("params", "num_inference_steps and num_images_per_prompt must be >= 1", "params_invalid")
-            if not 0 <= gen.region_base <= 1:
-                raise CNSError("params", f"region_base {gen.region_base:g} must be in [0, 1]", "params_invalid")
+            check_base(gen.region_base, "params.region_base")
             raw = chosen.get("regions")
             raw = [] if raw is None else [raw] if isinstance(raw, str) else list(raw)
             regions = [parse_region(str(text), "params.regions") for text in raw]

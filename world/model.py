@@ -44,7 +44,7 @@ def world_dirs(width: int) -> tuple[Path, Path]:
     """The pretraining checkpoint and model folders of a world ``width`` wide: data/world/pretrain
     and data/world/model at 64 (the committed model), data/world/pretrain-W and model-W otherwise,
     so a wider world never resumes from, or exports over, another width's files."""
-    if width == 64:
+    if width == PretrainConfig.width:
         return CHECKPOINT_DIR, MODEL_DIR
     return CHECKPOINT_DIR.with_name(f"pretrain-{width}"), MODEL_DIR.with_name(f"model-{width}")
 
@@ -53,7 +53,8 @@ def model_dir_for(checkpoint_dir: str | Path) -> Path:
     """Where a checkpoint's model goes by default: the model folder of its width (a checkpoint
     written before the width setting is 64 wide), so a wider world never overwrites data/world/model."""
     saved = Checkpoint(checkpoint_dir)
-    return world_dirs(saved.state()["config"].get("width", 64) if saved.exists() else 64)[1]
+    return world_dirs(saved.state()["config"].get("width", PretrainConfig.width) if saved.exists()
+                      else PretrainConfig.width)[1]
 
 
 @dataclass
