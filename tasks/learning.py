@@ -91,16 +91,73 @@ def lineage_lock(ws: Workspace, config: Config, timeout_seconds: float | None = 
         if killed_holder:
             mark_crashed(killed_holder)
         crash_dead_waiters(ws, mine)
+        release_dead_lease(ws)
         try:
-            # A 60 s lease (the shortest Prefect allows), renewed while held: a killed holder
-            # frees the lineage within about a minute.
-            held.enter_context(concurrency(lock_name(config), occupy=1, timeout_seconds=timeout, lease_duration=60))
+            # A 60 s lease (the shortest Prefect allows), renewed while held: a holder killed on
+            # another machine frees the lineage within about a minute; one killed on this machine
+            # at once (its lease id is in lease_path, released above).
+            held.enter_context(recorded_lease(ws, concurrency(lock_name(config), occupy=1, timeout_seconds=timeout,
+                                                              lease_duration=60)))
         except TimeoutError:
             raise LockTimeout(f"Prefect global concurrency limit {lock_name(config)}",
                               f"no slot free after {timeout:g} s: another worker holds it (see Concurrency in the "
                               "Prefect UI), or a slot was left taken; free it with `prefect gcl update "
                               f"{lock_name(config)} --active-slots 0` once no pass runs") from None
         yield
+
+
+def lease_path(ws: Workspace) -> Path:
+    """``data/.model.lease``: the Prefect lease id of the pass that holds the lineage on this
+    machine, written and removed under the model's file lock; still there while the lock is free,
+    it belongs to a pass that was killed holding it."""
+    return lock_path(ws.model_dir).with_suffix(".lease")
+
+
+def release_dead_lease(ws: Workspace) -> str | None:
+    """Release the Prefect slot of a pass killed on this machine while it held the lineage (call
+    with the model's file lock held): its lease would otherwise keep the slot taken until it
+    expires, a minute of every next pass waiting. Returns the lease id released, else None."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    path = lease_path(ws)
+    try:
+        lease = uuid.UUID(path.read_text().strip())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # half-written when its holder was killed: nothing to release
+        path.unlink(missing_ok=True)
+        return None
+    try:
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(lease_id=lease)
+        log.warning("released the lineage's Prefect slot held by a pass killed on this machine (lease %s)", lease)
+    except ObjectNotFound:  # expired already
+        pass
+    except Exception as exc:  # best effort (server down, ...): the lease expires within a minute anyway
+        log.warning("could not release the Prefect lease of a killed pass (%s): %s", lease, exc)
+    path.unlink(missing_ok=True)
+    return str(lease)
+
+
+@contextlib.contextmanager
+def recorded_lease(ws: Workspace, slot):
+    """Enter Prefect's ``concurrency`` context ``slot`` and keep the lease id it was granted in
+    ``lease_path`` while it is held. Prefect records each granted lease in the active
+    ConcurrencyContext (to release it if the holder is cancelled); a Prefect that does not leaves
+    no file, and a killed holder's slot is then freed when its lease expires."""
+    from prefect.concurrency.context import ConcurrencyContext
+
+    path = lease_path(ws)
+    with ConcurrencyContext() as granted, slot:
+        if granted.cleanup_lease_ids:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(f"{granted.cleanup_lease_ids[-1]}\n")
+            tmp.replace(path)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
 
 
 def waiting_dir(ws: Workspace) -> Path:

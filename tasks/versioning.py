@@ -157,7 +157,7 @@ def init_workspace(directory: str | Path, bucket: str | None = None) -> Workspac
     root.mkdir(parents=True, exist_ok=True)
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(PROJECT_ROOT / name, root / name)
-    (root / ".gitignore").write_text("/outputs/\n/data/.model.lock\n/data/.model.waiting/\n")
+    (root / ".gitignore").write_text("/outputs/\n/data/.model.lock\n/data/.model.lease*\n/data/.model.waiting/\n")
     ws = Workspace(root)
     git(ws, "init", "-q", "-b", "main")
     # Commits are made by the pipeline; a machine without a global git identity still needs one.

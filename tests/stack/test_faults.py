@@ -8,9 +8,10 @@ run and one registry version per version, no stale lock.
 The kills come from ``tasks.faults.fault_point``: ``CNS_FAULT_AT=<point>`` in the worker's
 environment makes it SIGKILL itself there (inert without the variable). The kills inside
 finetuning, inside ``git commit`` and between commit and tag are in ``test_pipeline.py`` and
-``test_versioning_faults.py``. A killed worker's Prefect concurrency slot is freed when its 60 s
-lease runs out, so each next pass here first waits about a minute: that wait is part of what is
-tested (the lineage is not wedged by a dead holder)."""
+``test_versioning_faults.py``. A killed worker's Prefect concurrency slot would stay taken until
+its 60 s lease runs out; the next pass on the same machine releases it at once (its lease id is
+in ``data/.model.lease``), as ``test_a_worker_killed_on_this_machine_gives_its_prefect_slot_back_at_once``
+checks step by step."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import pytest
 
 from tasks import bucket, s3
 from tasks.faults import FAULT_VARIABLE
+from tasks.learning import lease_path, lock_name, release_dead_lease
 from tasks.versioning import last_version
 
 from stack_helpers import assert_learned_exactly_once, make_concept, own_workspace, start_services, stop_service
@@ -100,6 +102,32 @@ def test_the_first_version_killed_after_dvc_add_is_learned_by_the_next_pass(runn
         assert last_version(ws) == 0
         assert next_pass(ws) == [("first", "learned", 1)]
         assert_learned_exactly_once(ws, name, ["first"])
+
+
+def active_slots(limit: str) -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(limit).active_slots
+
+
+def test_a_worker_killed_on_this_machine_gives_its_prefect_slot_back_at_once(workspace):
+    """Its lease would hold the lineage's slot for up to a minute after the kill; the next pass
+    releases it as soon as it has the model's file lock (which the kernel freed)."""
+    ws, name, _, dropped = workspace
+    before = last_version(ws)
+    drop(workspace, "killed-holding-the-slot")
+    assert finish(start_worker(ws, **{FAULT_VARIABLE: "score"})) == -signal.SIGKILL
+    limit = lock_name(ws.config())
+    assert lease_path(ws).is_file() and active_slots(limit) == 1  # the dead pass's lease, still taken
+    assert release_dead_lease(ws) is not None
+    assert active_slots(limit) == 0 and not lease_path(ws).exists()
+    assert release_dead_lease(ws) is None  # nothing left to release
+    started = time.monotonic()
+    assert next_pass(ws) == [("killed-holding-the-slot", "learned", before + 1)]
+    print(f"\nthe next pass learned it {time.monotonic() - started:.0f} s later (a lease lasts 60 s)")
+    assert not lease_path(ws).exists() and active_slots(limit) == 0
+    assert_learned_exactly_once(ws, name, dropped)
 
 
 def wait_for_run_of(model_name: str, concept: str, worker: subprocess.Popen, timeout: float = 300) -> None:
