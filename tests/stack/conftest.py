@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -77,11 +78,19 @@ def running_stack(tmp_path_factory) -> Stack:
         os.environ["CNS_STACK_DIR"] = str(root)
         # Uploads here finish before a test scans; the settle time has its own test.
         os.environ["CNS_SETTLE_SECONDS"] = "0"
+        # Prefect reads its settings when first imported: a test module that imports it (directly
+        # or through tasks.learning) does so before this environment exists, and flows run in this
+        # process (a test's next pass) would then talk to a temporary Prefect server of their own.
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
         yield Stack(config, creds)
     finally:
         stack.down(config)
         os.environ.clear()
         os.environ.update(saved)
+        if "prefect.context" in sys.modules:
+            sys.modules["prefect.context"].refresh_global_settings_context()
 
 
 @pytest.fixture

@@ -68,6 +68,15 @@ def test_stack_env_prints_what_the_clients_need(running_stack, tmp_path):
     assert exports["AWS_ACCESS_KEY_ID"] == running_stack.creds.access_key
 
 
+def test_flows_run_in_the_test_process_talk_to_the_stacks_prefect(running_stack):
+    """Not to a temporary server of their own: Prefect was imported (by the test modules) before
+    the stack's environment was exported (tests/stack/conftest.py refreshes its settings)."""
+    import prefect  # noqa: F401  (imported before the check, as a test module would)
+    from prefect.settings import get_current_settings
+
+    assert get_current_settings().api.url == running_stack.config.prefect_api_url
+
+
 def test_stack_status_exits_zero_when_all_run(running_stack, tmp_path):
     result = cns("stack", "status", "--json", "--dir", str(running_stack.config.root), cwd=tmp_path)
     assert result.returncode == 0
