@@ -7,7 +7,8 @@ generic output prior; seed 0, 24 samples. Run from the repository root:
 
 Variants: ``kv`` (every K/V row, no L_reg: the ceiling's learner), ``no-reg`` (the bench's cns_no_reg), ``reg`` (the library's L_reg as configured),
 ``no-reg-random`` (random free rows, same count per layer, no L_reg), ``generic=W`` (L_reg with the generic output prior's weight set to W). The pretrained model's
-zero-shot strip comes from the committed tune cache (docs/world/tune-cache).
+zero-shot strip comes from the committed tune cache (docs/world/tune-cache); with ``--model`` (another
+world model, e.g. data/world/model-128) it is drawn once and cached in ``--work``.
 """
 
 import argparse
@@ -29,6 +30,7 @@ parser.add_argument("--variant", action="append", default=[])
 parser.add_argument("--work", default="/tmp/cns-rows-probe")
 parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a CNS setting for every variant, e.g. train.reg_generic_weight=0 or selection.exclude_owned=false")
+parser.add_argument("--model", default=None, help="a world model folder other than data/world/model")
 parser.add_argument("--combine", default="alone", choices=("alone", "sequential"),
                     help="sequential: the one concept in sequence, which also reads zero-shot drift")
 args = parser.parse_args()
@@ -39,7 +41,13 @@ for item in args.set:
     key, value = item.split("=", 1)
     section, field = key.split(".")
     overrides.append((section, field, {"true": True, "false": False}.get(value.lower(), value)))
-base_images = load_images(Path("docs/world/tune-cache/pretrained-zero-shot.png"))
+settings = {"model_dir": args.model} if args.model else {}
+if args.model:  # the pretrained model's own zero-shot strip (the drift's reference), drawn once
+    wb.baseline(context(BenchSettings(cns={}, **settings), concepts, Path(args.work) / "baseline", "cpu"),
+                Path(args.work) / "baseline")
+    base_images = load_images(Path(args.work) / "baseline" / "pretrained-zero-shot.png")
+else:
+    base_images = load_images(Path("docs/world/tune-cache/pretrained-zero-shot.png"))
 make_config = wb.cns_config
 for variant in args.variant or ["reg"]:
     name = {"no-reg": "cns_no_reg", "kv": "naive_kv", "no-reg-random": "cns_no_reg"}.get(variant, "cns")
@@ -56,9 +64,9 @@ for variant in args.variant or ["reg"]:
         return config
     wb.cns_config = patched
     tag = "".join(f"-{f}={v}" for _, f, v in overrides)
-    work = Path(args.work) / f"{'+'.join(names)}-{variant}-{args.ratio:g}-{args.steps}-lr{args.lr:g}-tok{args.token_lr:g}{tag}"
+    work = Path(args.work) / f"{Path(args.model).name + '-' if args.model else ''}{'+'.join(names)}-{variant}-{args.ratio:g}-{args.steps}-lr{args.lr:g}-tok{args.token_lr:g}{tag}"
     # The library's CNS settings (as these probes ran), not the world defaults they led to; --set changes them.
-    ctx = context(BenchSettings(base_ratio=args.ratio, cns={}), concepts, work, "cpu")
+    ctx = context(BenchSettings(base_ratio=args.ratio, cns={}, **settings), concepts, work, "cpu")
     start = time.time()
     # One concept "in sequence": the same learning as alone, plus the zero-shot readings of the
     # model afterwards (base captions: accuracy and mean pixel change against the pretrained model).
