@@ -120,3 +120,57 @@ def test_sigterm_checkpoints_at_the_end_of_the_step_and_the_run_resumes(tmp_path
     step = json.loads((ckpt / "state.json").read_text())["step"]
     assert out.strip() == f"stopped at {step}" and step > 1
     assert "SIGTERM: checkpointing at the end of this step" in err
+
+
+def test_a_save_killed_between_its_renames_is_finished_or_dropped_when_next_read(tmp_path):
+    """save() writes both files to .tmp, then renames weights, then state. Whichever point a kill
+    hits, the checkpoint read next has weights and a state of the same step."""
+    import shutil
+
+    from world.model import Checkpoint, PretrainConfig, pretrain, saved_step
+
+    config = PretrainConfig(steps=3, batch_size=2, warmup_steps=1)
+    pretrain(tmp_path / "old", config, budget_minutes=0.0, progress=False)  # step 1
+    pretrain(tmp_path / "new", config, progress=False)  # step 3
+    old, new = Checkpoint(tmp_path / "old"), Checkpoint(tmp_path / "new")
+    assert (saved_step(old.weights), saved_step(new.weights)) == (1, 3)
+
+    def at_kill(weights_renamed: bool, state_tmp: bool, name: str) -> Checkpoint:
+        folder = tmp_path / name
+        shutil.copytree(old.directory, folder)
+        shutil.copy(new.weights, folder / ("checkpoint.safetensors" if weights_renamed else "checkpoint.tmp"))
+        if state_tmp:
+            shutil.copy(new.state_file, folder / "state.tmp")
+        return Checkpoint(folder)
+
+    between = at_kill(weights_renamed=True, state_tmp=True, name="between")  # new weights, old state
+    assert between.exists() and between.state()["step"] == 3 == saved_step(between.weights)
+    both_written = at_kill(weights_renamed=False, state_tmp=True, name="written")  # neither renamed
+    assert both_written.state()["step"] == 3 == saved_step(both_written.weights)
+    weights_only = at_kill(weights_renamed=False, state_tmp=False, name="weights-only")  # state never written
+    assert weights_only.state()["step"] == 1 == saved_step(weights_only.weights)
+    half_state = at_kill(weights_renamed=False, state_tmp=True, name="half-state")
+    (half_state.directory / "state.tmp").write_text('{"config": {"ste')
+    assert half_state.state()["step"] == 1 == saved_step(half_state.weights)
+    for checkpoint in (between, both_written, weights_only, half_state):
+        assert sorted(p.name for p in checkpoint.directory.iterdir()) == ["checkpoint.safetensors", "state.json",
+                                                                          "writer.lock"]
+    assert pretrain(between.directory, config, progress=False)["step"] == 3  # resumes as finished
+
+
+def test_a_reader_leaves_a_running_pretraining_s_save_alone_and_a_second_run_is_refused(tmp_path):
+    import shutil
+
+    from cns.errors import CNSError
+    from world.model import Checkpoint, PretrainConfig, pretrain
+
+    config = PretrainConfig(steps=2, batch_size=2, warmup_steps=1)
+    pretrain(tmp_path / "ckpt", config, budget_minutes=0.0, progress=False)
+    writer = Checkpoint(tmp_path / "ckpt")
+    with writer.writing():  # as a live run holds it, mid-save: its weights written, not renamed
+        shutil.copy(writer.weights, writer.weights.with_suffix(".tmp"))
+        assert Checkpoint(tmp_path / "ckpt").state()["step"] == 1
+        assert writer.weights.with_suffix(".tmp").exists(), "a reader must not delete a live save's file"
+        with pytest.raises(CNSError, match="another `cns world pretrain` is writing"):
+            pretrain(tmp_path / "ckpt", config, progress=False)
+    assert Checkpoint(tmp_path / "ckpt").exists() and not writer.weights.with_suffix(".tmp").exists()

@@ -14,6 +14,7 @@ GPU; ``export_model`` writes the EMA as the model folder.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -126,19 +127,75 @@ def trainable(model: DiffusionModel) -> dict[str, torch.nn.Parameter]:
 class Checkpoint:
     """A resumable pretraining state in one folder: ``checkpoint.safetensors`` (trainable
     weights and their EMA in float32, Adam's moments in bfloat16) and ``state.json`` (config,
-    step, loss curve, seconds). Written to a temporary file and renamed, so a kill never leaves
-    half a checkpoint."""
+    step, loss curve, seconds). Both are written to temporary files, then renamed, weights first;
+    the weights carry their step in their metadata. A save killed before both renames is settled
+    when the checkpoint is next read: finished if both files were written, dropped otherwise, so a
+    kill never leaves half a checkpoint or new weights under an old step. A pretraining run holds
+    ``writer.lock`` (flock: freed when it dies) while it writes; a reader beside it leaves its
+    temporary files alone, and a second run on the same folder is refused."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.weights = self.directory / "checkpoint.safetensors"
         self.state_file = self.directory / "state.json"
+        self._writer = None  # the open writer.lock while this process writes here
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold the folder's writer lock while pretraining writes it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / "writer.lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CNSError(self.directory, "another `cns world pretrain` is writing this checkpoint; wait for "
+                               "it to stop (it checkpoints on SIGTERM) or use another --checkpoint",
+                               "world_busy") from None
+            self._writer = handle
+            try:
+                yield self
+            finally:
+                self._writer = None
 
     def exists(self) -> bool:
+        self.settle()
         return self.weights.is_file() and self.state_file.is_file()
 
     def state(self) -> dict:
+        self.settle()
         return json.loads(self.state_file.read_text())
+
+    def settle(self) -> None:
+        """Finish or drop a save that was killed before its renames (see the class); nothing while
+        another process writes here (its save is under way, not killed)."""
+        lock = self.directory / "writer.lock"
+        if self._writer is not None or not lock.exists():
+            self._settle()
+            return
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            self._settle()
+
+    def _settle(self) -> None:
+        weights_tmp, state_tmp = self.weights.with_suffix(".tmp"), self.state_file.with_suffix(".tmp")
+        try:
+            step = json.loads(state_tmp.read_text())["step"]  # written after the weights were complete
+        except FileNotFoundError:
+            weights_tmp.unlink(missing_ok=True)  # killed while writing the weights: the last save stands
+            return
+        except (ValueError, KeyError):  # killed while writing the state: the weights were not renamed yet
+            weights_tmp.unlink(missing_ok=True)
+            state_tmp.unlink()
+            return
+        if weights_tmp.exists():
+            weights_tmp.replace(self.weights)
+        if saved_step(self.weights) in (None, step):
+            state_tmp.replace(self.state_file)
+        else:
+            state_tmp.unlink()
 
     def save(self, params: dict, ema: dict, optimizer: torch.optim.Optimizer, state: dict) -> None:
         from safetensors.torch import save_file
@@ -153,7 +210,7 @@ class Checkpoint:
                 if key in moments:
                     tensors[f"{key}.{name}"] = moments[key].to(torch.bfloat16).cpu().contiguous()
         tmp = self.weights.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"step": str(state["step"])})
         state_tmp = self.state_file.with_suffix(".tmp")
         state_tmp.write_text(json.dumps(state, indent=1) + "\n")
         tmp.replace(self.weights)
@@ -173,6 +230,17 @@ class Checkpoint:
                                           "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].float().to(p.device)}
 
 
+def saved_step(weights: Path) -> int | None:
+    """The step a checkpoint's weights file was saved at (None: saved before it said)."""
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), "pt") as f:
+        step = (f.metadata() or {}).get("step")
+    return int(step) if step is not None else None
+
+
 def lr_factor(step: int, config: PretrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -189,7 +257,13 @@ def pretrain(checkpoint_dir: str | Path, config: PretrainConfig, *, device: str 
 
     A resumed run draws its scenes and noise from generators seeded with (seed, step), so the same
     resume points give the same weights; it is not bit-identical to an uninterrupted run."""
-    checkpoint = Checkpoint(checkpoint_dir)
+    with Checkpoint(checkpoint_dir).writing() as checkpoint:
+        return _pretrain(checkpoint, config, device=device, budget_minutes=budget_minutes,
+                         checkpoint_minutes=checkpoint_minutes, progress=progress)
+
+
+def _pretrain(checkpoint: "Checkpoint", config: PretrainConfig, *, device: str, budget_minutes: float | None,
+              checkpoint_minutes: float, progress: bool) -> dict:
     model = build_world_model(config.seed, config.width).to(device)
     model.freeze()
     params = trainable(model)
