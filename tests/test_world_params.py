@@ -37,7 +37,7 @@ def test_the_wider_worlds_params_differ_only_in_width_and_folders_and_match_its_
     settings = bench_settings(wide)
     assert Path(settings.model_dir) == model.relative_to(PARAMS_FILE.parents[2])
     assert replace(settings, model_dir=BenchSettings().model_dir, tuned=BenchSettings().tuned) == BenchSettings()
-    if (checkpoint / "state.json").is_file():  # the CPU pretraining of 2026-11-28 on, resumed by that file
+    if (checkpoint / "state.json").is_file():  # the committed CPU pretraining (2026-12-07 on), resumed by that file
         assert PretrainConfig(**json.loads((checkpoint / "state.json").read_text())["config"]) == pretrain_config(wide)
 
 
