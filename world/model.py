@@ -168,16 +168,14 @@ class Checkpoint:
     def settle(self) -> None:
         """Finish or drop a save that was killed before its renames (see the class); nothing while
         another process writes here (its save is under way, not killed)."""
-        lock = self.directory / "writer.lock"
-        if self._writer is not None or not lock.exists():
+        if self._writer is not None or not (self.directory / "writer.lock").exists():
             self._settle()
             return
-        with open(lock) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return
-            self._settle()
+        try:
+            with self.writing():
+                self._settle()
+        except CNSError:  # a live run holds it
+            return
 
     def _settle(self) -> None:
         weights_tmp, state_tmp = self.weights.with_suffix(".tmp"), self.state_file.with_suffix(".tmp")
