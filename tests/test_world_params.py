@@ -26,13 +26,13 @@ def test_the_pretrain_params_are_the_committed_checkpoints_config():
         assert PretrainConfig(**json.loads(state.read_text())["config"]) == pretrain_config()
 
 
-def test_the_wider_worlds_params_differ_only_in_width_and_folders_and_match_its_checkpoint():
+def test_the_wider_worlds_params_differ_only_in_width_rate_three_objects_and_folders_and_match_its_checkpoint():
     from dataclasses import replace
 
     from world.model import world_dirs
 
     wide = PARAMS_FILE.with_name("params-128.yaml")
-    assert pretrain_config(wide) == replace(PretrainConfig(), width=128)
+    assert pretrain_config(wide) == replace(PretrainConfig(), width=128, learning_rate=5e-4, three_object_rate=0.1)
     checkpoint, model = world_dirs(128)
     settings = bench_settings(wide)
     assert Path(settings.model_dir) == model.relative_to(PARAMS_FILE.parents[2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +175,31 @@ def test_a_reader_leaves_a_running_pretraining_s_save_alone_and_a_second_run_is_
         with pytest.raises(CNSError, match="another `cns world pretrain` is writing"):
             pretrain(tmp_path / "ckpt", config, progress=False)
     assert Checkpoint(tmp_path / "ckpt").exists() and not writer.weights.with_suffix(".tmp").exists()
+
+
+def test_a_loss_spike_is_flagged_and_ordinary_noise_is_not():
+    from world.model import loss_spike
+
+    steady = [0.070, 0.068, 0.071, 0.069, 0.068]
+    assert loss_spike(steady + [0.072]) is None, "a 5% rise is noise"
+    assert loss_spike(steady + [0.092]) == 0.069, "the 2026-12-07 128-wide jump (0.068 -> 0.092)"
+    assert loss_spike([0.5, 0.09]) is None, "too little curve to judge"
+    # the finished 64-wide run, whose largest rise (1.28x, once) it recovered from at once: one flag
+    state = Path(__file__).resolve().parents[1] / "data/world/pretrain/state.json"
+    curve = json.loads(state.read_text())["loss_curve"]
+    flagged = [i for i in range(len(curve)) if loss_spike(curve[:i + 1]) is not None]
+    assert flagged == [68], flagged
+
+
+def test_three_object_scenes_put_each_object_in_its_own_cell_in_caption_order():
+    from world.scene import CORNERS, SIZE, random_base_scene
+
+    rng = np.random.default_rng(7)
+    scenes = [random_base_scene(rng, two_object_rate=0.0, three_object_rate=1.0) for _ in range(50)]
+    for scene in scenes:
+        assert len(scene.objects) == 3 and scene.caption().count(" and ") == 2
+        for (left, top, size), (cell_left, cell_top) in zip(scene.boxes, CORNERS):
+            assert cell_left <= left and left + size <= cell_left + SIZE // 2
+            assert cell_top <= top and top + size <= cell_top + SIZE // 2
+    mixed = [len(random_base_scene(rng, two_object_rate=0.25, three_object_rate=0.1).objects) for _ in range(2000)]
+    assert abs(mixed.count(3) / 2000 - 0.1) < 0.03 and abs(mixed.count(2) / 2000 - 0.25) < 0.04

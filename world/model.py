@@ -72,6 +72,9 @@ class PretrainConfig:
     ema_decay: float = 0.9995  # for runs over 20 k steps (world_analysis.md, section 2)
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     two_object_rate: float = 0.25
+    # Three objects (world.scene.CORNERS): the 64-wide model, pretrained without them, draws two
+    # objects at most, so three learned concepts in one image (issue 13) cannot be read on it.
+    three_object_rate: float = 0.0
     # Share of objects that are family glyphs (world.scene.random_glyph): the prior that makes
     # each concept a new instance of a known kind.
     glyph_rate: float = 0.5
@@ -106,7 +109,8 @@ def build_world_model(seed: int = 0, width: int = 64) -> DiffusionModel:
 
 def scene_batch(rng: np.random.Generator, batch_size: int, config: PretrainConfig,
                 holdout: list[WorldConcept]) -> tuple[torch.Tensor, list[str]]:
-    scenes = [random_base_scene(rng, config.two_object_rate, glyph_rate=config.glyph_rate, holdout=holdout)
+    scenes = [random_base_scene(rng, config.two_object_rate, glyph_rate=config.glyph_rate, holdout=holdout,
+                                three_object_rate=config.three_object_rate)
               for _ in range(batch_size)]
     pixels = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     captions = ["" if rng.random() < config.caption_dropout else s.caption() for s in scenes]
@@ -239,6 +243,22 @@ def saved_step(weights: Path) -> int | None:
     return int(step) if step is not None else None
 
 
+SPIKE_FACTOR = 1.25  # the finished 64-wide run's largest window-to-window rise was 1.28x, once (step 6,900)
+SPIKE_LOOKBACK = 5
+
+
+def loss_spike(curve: list[float]) -> float | None:
+    """The loss before a spike, when the curve's last 100-step mean is over ``SPIKE_FACTOR`` times
+    the median of the ``SPIKE_LOOKBACK`` before it (else None). The 128-wide run of 2026-12-07
+    (AdamW 1e-3) jumped from 0.068 to 0.092 at step 3,900 and stayed 7-8% above the 64-wide run from
+    then on, unnoticed for 10,000 steps; the warning and the record in ``state.json`` make such
+    a run visible while it trains."""
+    if len(curve) <= SPIKE_LOOKBACK:
+        return None
+    reference = float(np.median(curve[-SPIKE_LOOKBACK - 1:-1]))
+    return reference if curve[-1] > SPIKE_FACTOR * reference else None
+
+
 def lr_factor(step: int, config: PretrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -325,6 +345,13 @@ def _pretrain(checkpoint: "Checkpoint", config: PretrainConfig, *, device: str, 
             bar.set_postfix(loss=f"{state['loss_curve'][-1]:.4f}")
             if not progress:
                 log.info("step %d/%d loss %.4f", step + 1, config.steps, state["loss_curve"][-1])
+            reference = loss_spike(state["loss_curve"])
+            if reference is not None:
+                state.setdefault("spikes", []).append(
+                    {"step": step + 1, "loss": state["loss_curve"][-1], "before": round(reference, 5)})
+                log.warning("loss spike at step %d: %.4f over the last 100 steps against %.4f before; if the "
+                            "loss stays up, lower world.pretrain.learning_rate and start again", step + 1,
+                            state["loss_curve"][-1], reference)
             window = []
 
     bar = tqdm(range(start_step, config.steps), desc="pretraining", disable=not progress, mininterval=10,
@@ -400,6 +427,7 @@ def export_model(checkpoint_dir: str | Path, out_dir: str | Path, evaluate_fn=No
         "config": state["config"], "steps_done": state["step"], "complete": state["step"] >= config.steps,
         "train_seconds": state["train_seconds"], "parts": state["parts"],
         "final_loss": float(np.mean(curve[-2:])) if curve else None, "loss_curve": curve,
+        "spikes": state.get("spikes", []),
         "unet_parameters": model.unet_parameters(),
         "text_encoder_parameters": sum(p.numel() for p in model.text_encoder.parameters()),
     }

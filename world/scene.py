@@ -194,13 +194,25 @@ def render(scene: Scene) -> np.ndarray:
     return np.clip(small.round(), 0, 255).astype(np.uint8)
 
 
+# Three objects: the top left and top right quarters and the bottom centre, (left, top) of each
+# 16 px cell, in caption order. Vertical thirds would leave 10 px an object, too small to read
+# back; quarters hold the 12-15 px objects of a pair.
+CORNERS = ((0, 0), (SIZE // 2, 0), (SIZE // 4, SIZE // 2))
+
+
 def place(objects: list[Obj], background: str, rng: np.random.Generator) -> Scene:
-    """Random size and position: one object anywhere, two objects in the left and right halves."""
+    """Random size and position: one object anywhere, two objects in the left and right halves,
+    three in the cells of ``CORNERS``."""
     boxes = []
     if len(objects) == 1:
         # 20-27 px: about 3 px per glyph cell, 1.5 at the UNet's 16x16 cross-attention level.
         size = int(rng.integers(20, 28))
         boxes.append((int(rng.integers(1, SIZE - size)), int(rng.integers(1, SIZE - size)), size))
+    elif len(objects) == 3:
+        cell = SIZE // 2
+        for left, top in CORNERS:
+            size = int(rng.integers(12, 16))
+            boxes.append((left + int(rng.integers(0, cell - size + 1)), top + int(rng.integers(0, cell - size + 1)), size))
     else:
         half = SIZE // len(objects)
         for k in range(len(objects)):
@@ -211,12 +223,15 @@ def place(objects: list[Obj], background: str, rng: np.random.Generator) -> Scen
 
 def random_base_scene(rng: np.random.Generator, two_object_rate: float = 0.25,
                       pairs: list[tuple[str, str]] | None = None, glyph_rate: float = 0.0,
-                      holdout: list[WorldConcept] | None = None) -> Scene:
+                      holdout: list[WorldConcept] | None = None, three_object_rate: float = 0.0) -> Scene:
     """A pretraining scene: seen (shape, colour) pairs only, unless ``pairs`` says otherwise;
     each object is a family glyph with probability ``glyph_rate``, never within
-    ``HOLDOUT_DISTANCE`` of a concept in ``holdout``."""
+    ``HOLDOUT_DISTANCE`` of a concept in ``holdout``. Two objects with probability
+    ``two_object_rate``, three with ``three_object_rate`` (one draw decides: at 0, the scenes
+    are those of a world made before three-object scenes existed)."""
     pairs = pairs or seen_pairs()
-    count = 2 if rng.random() < two_object_rate else 1
+    draw = rng.random()
+    count = 2 if draw < two_object_rate else 3 if draw < two_object_rate + three_object_rate else 1
     objects = [Obj(glyph=random_glyph(rng, holdout)) if rng.random() < glyph_rate
                else Obj(*pairs[int(rng.integers(len(pairs)))]) for _ in range(count)]
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
