@@ -59,7 +59,9 @@ WIDE_MIN=${WIDE_MIN:-6}
 WIDE_BATCH=${WIDE_BATCH:-256}
 WIDE_STEPS=${WIDE_STEPS:-3000}
 log "pretraining a ${WIDE}-wide world for ${WIDE_MIN} min, batch $WIDE_BATCH, $WIDE_STEPS steps (data/world/pretrain-$WIDE-gpu)"
-timeout --signal=TERM $(( ${WIDE_MIN%.*} * 60 + 120 )) python3 -m flows.cli world pretrain --width "$WIDE" \
+# the width's own settings where it has a file (params-128.yaml: Adam 5e-4, three-object scenes)
+WIDE_PARAMS=data/world/params-$WIDE.yaml; [ -f "$WIDE_PARAMS" ] || WIDE_PARAMS=data/world/params.yaml
+timeout --signal=TERM $(( ${WIDE_MIN%.*} * 60 + 120 )) python3 -m flows.cli world pretrain --params "$WIDE_PARAMS" --width "$WIDE" \
   --batch-size "$WIDE_BATCH" --steps "$WIDE_STEPS" --checkpoint "data/world/pretrain-$WIDE-gpu" \
   --out "data/world/model-$WIDE" --budget-minutes "$WIDE_MIN" --checkpoint-minutes 2 --device "$DEVICE" --no-eval -q \
   >>"$OUT/session.log" 2>&1 || log "pretraining stopped with an error"

@@ -203,3 +203,16 @@ def test_three_object_scenes_put_each_object_in_its_own_cell_in_caption_order():
             assert cell_top <= top and top + size <= cell_top + SIZE // 2
     mixed = [len(random_base_scene(rng, two_object_rate=0.25, three_object_rate=0.1).objects) for _ in range(2000)]
     assert abs(mixed.count(3) / 2000 - 0.1) < 0.03 and abs(mixed.count(2) / 2000 - 0.25) < 0.04
+
+
+def test_the_judge_reads_each_object_of_a_true_three_object_render_from_its_cell():
+    from world.judge import cells, load_judge
+    from world.scene import CORNER_BOXES, random_base_scene, render
+
+    rng = np.random.default_rng(11)
+    scenes = [random_base_scene(rng, two_object_rate=0.0, three_object_rate=1.0) for _ in range(12)]
+    crops = [c for scene in scenes for c in cells(render(scene), list(CORNER_BOXES))]
+    reads = load_judge().read(np.stack(crops))
+    truth = [o.shape for scene in scenes for o in scene.objects]
+    right = sum(r["identity"] == t for r, t in zip(reads, truth))
+    assert right >= 0.9 * len(truth), (right, len(truth))

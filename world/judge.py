@@ -32,7 +32,7 @@ from world.reject import random_reject
 from world.scene import (BACKGROUNDS, COLORS, GLYPH, GLYPH_CELLS, SHAPES, Obj, WorldConcept, place, random_glyph,
                          render, shape_mask)
 
-__all__ = ["FAR_FROM_BACKGROUND", "OTHER", "Judge", "halves", "load_judge", "read_background", "read_bitmap",
+__all__ = ["FAR_FROM_BACKGROUND", "OTHER", "Judge", "cells", "halves", "load_judge", "read_background", "read_bitmap",
            "read_color", "train_judge", "validate"]
 
 JUDGE_DIR = Path(__file__).resolve().parent.parent / "data" / "world" / "judge"
@@ -58,6 +58,23 @@ def halves(image: np.ndarray, count: int = 2) -> list[np.ndarray]:
         canvas[:] = np.median(np.concatenate([strip[:2].reshape(-1, 3), strip[-2:].reshape(-1, 3)]), axis=0)
         left = (image.shape[1] - width) // 2
         canvas[:, left:left + width] = strip
+        out.append(canvas)
+    return out
+
+
+def cells(image: np.ndarray, boxes: list[tuple[float, float, float, float]]) -> list[np.ndarray]:
+    """Each box (x0, y0, x1, y1 in 0..1, as cns.regions takes them) cut out and centred on a
+    full-size canvas of the image's background, for the judge to read one object at a time:
+    the three-object scenes' quarters and bottom centre (world.scene.CORNERS), or any layout."""
+    height, width = image.shape[:2]
+    background = np.asarray(BACKGROUNDS[read_background(image)], dtype=image.dtype)
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        left, top, right, bottom = round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)
+        canvas = np.empty_like(image)
+        canvas[:] = background
+        at_top, at_left = (height - (bottom - top)) // 2, (width - (right - left)) // 2
+        canvas[at_top:at_top + bottom - top, at_left:at_left + right - left] = image[top:bottom, left:right]
         out.append(canvas)
     return out
 

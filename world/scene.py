@@ -198,6 +198,9 @@ def render(scene: Scene) -> np.ndarray:
 # 16 px cell, in caption order. Vertical thirds would leave 10 px an object, too small to read
 # back; quarters hold the 12-15 px objects of a pair.
 CORNERS = ((0, 0), (SIZE // 2, 0), (SIZE // 4, SIZE // 2))
+# The same cells as boxes in 0..1 (x0, y0, x1, y1), as region control and world.judge.cells take them.
+CORNER_BOXES = tuple((left / SIZE, top / SIZE, (left + SIZE // 2) / SIZE, (top + SIZE // 2) / SIZE)
+                     for left, top in CORNERS)
 
 
 def place(objects: list[Obj], background: str, rng: np.random.Generator) -> Scene:
