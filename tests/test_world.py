@@ -414,3 +414,36 @@ def test_a_cached_run_is_reused_only_under_the_settings_it_was_computed_with(tmp
     assert key("cns") != key("cns", cns={"train": {"protect_earlier": 0.9}})
     # region control's share changes the two-concept readings of a combined model, not a single concept's
     assert key("cns") != key("cns", region_base=0.3) and key("single_kv") == key("single_kv", region_base=0.3)
+
+
+def test_three_concepts_are_read_cell_by_cell_only_on_a_model_pretrained_with_three_object_scenes(tmp_path):
+    """Issue 13's three learned concepts in one image: read in world.scene.CORNERS with and without
+    region control; on the pretrained model, which knows none of the tokens, never all right."""
+    from cns.models import load_pretrained
+    from world.bench import BenchSettings, concepts_together, context, draws_three, independent_groups
+    from world.scene import load_concepts
+
+    assert not draws_three(WORLD / "model"), "the 64-wide model was pretrained on one or two objects"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "pretrain.json").write_text(json.dumps({"config": {"three_object_rate": 0.1}}))
+    assert draws_three(tmp_path / "m")
+    settings = BenchSettings(noise_per_background=2)
+    ctx = context(settings, load_concepts()[:3], tmp_path / "work", "cpu")
+    model = load_pretrained(settings.model_dir)
+    for regions in (False, True):
+        reading = concepts_together(model, ctx, [0, 1, 2], 3, seed=70_000, regions=regions)
+        assert reading["samples"] == 3 * 2 and len(reading["both_per_pair"]) == 3
+        assert reading["all_right"] == 0.0 and reading["objects"] < 0.5, reading
+    assert concepts_together(model, ctx, [0, 1], 3) == {}, "three need three concepts"
+    assert independent_groups([{"identity": 0.5}, {"identity": 1.0}, {"identity": 0.8}], 3) == [0.4, 0.4, 0.4]
+
+
+def test_the_report_takes_three_concept_cells_from_the_triples_readings():
+    from world.report import _pair_cells
+
+    records = [{"triples": {"both_per_pair": [0.0, 0.25]}, "triples_regions": {"both_per_pair": [0.5, 0.75]},
+                "triples_independent": [0.1, 0.2], "pairs": {"both_per_pair": [1.0, 1.0]}} for _ in range(2)]
+    assert _pair_cells(records, "regions", "triples").tolist() == [0.5, 0.75, 0.5, 0.75]
+    assert _pair_cells(records, "plain", "triples").tolist() == [0.0, 0.25, 0.0, 0.25]
+    assert _pair_cells(records, "independent", "triples").tolist() == [0.1, 0.2, 0.1, 0.2]
+    assert _pair_cells(records, "plain").tolist() == [1.0, 1.0, 1.0, 1.0]

@@ -43,11 +43,12 @@ from cns.learn import train as cns_train
 from cns.neurons import count, empty_mask, row_counts, weights_in
 from cns.train import TrainableToken, finetune
 from world.concepts import write_concept_dirs
+from world.judge import cells as cut_cells
 from world.judge import load_judge
 from world.lora import add_lora, lora_deltas, remove_lora
 from world.metrics import attribute_accuracy, base_prompts, concept_agreement, concept_captions, pair_accuracy, sample
 from world.model import MODEL_DIR
-from world.scene import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, SHAPES, Obj, WorldConcept, caption,
+from world.scene import (BACKGROUNDS, COLORS, CORNER_BOXES, HELDOUT_PAIRS, SHAPES, Obj, WorldConcept, caption,
                          concept_training_scenes, load_concepts, random_glyph, render)
 
 log = logging.getLogger(__name__)
@@ -329,32 +330,71 @@ def two_concepts(model, ctx: Context, indices: list[int], seed: int = 60_000, re
     own caption is read in its half beside the global prompt's ``region_base`` share (cns.regions,
     the same as ``cns generate --region --region-base``).
     ``both_per_pair``: the share of each pair's samples with both halves right."""
+    return concepts_together(model, ctx, indices, 2, seed, regions)
+
+
+def concepts_together(model, ctx: Context, indices: list[int], count: int, seed: int = 60_000,
+                      regions: bool = False) -> dict:
+    """Each concept with the ``count - 1`` next ones in one prompt: two in the left and right
+    halves, three in the quarters and the bottom centre (world.scene.CORNERS, as a world
+    pretrained with three-object scenes draws them), each cell read by the judge. With
+    ``regions``, each concept's own caption is read in its cell beside the global prompt's
+    ``region_base`` share. ``both_per_pair``: per group, the share of its samples with every
+    object right (the name kept from the pairs, whose records already use it)."""
     from cns.regions import NAMED
 
-    if len(indices) < 2:
+    if len(indices) < count:
         return {}
-    pairs = [(ctx.concepts[indices[i]], ctx.concepts[indices[(i + 1) % len(indices)]]) for i in range(len(indices))]
+    boxes = [NAMED["left"], NAMED["right"]] if count == 2 else list(CORNER_BOXES)
+    groups = [[ctx.concepts[indices[(i + k) % len(indices)]] for k in range(count)] for i in range(len(indices))]
     per = ctx.settings.noise_per_background
-    images, all_pairs, bgs = [], [], []
-    for i, (a, b) in enumerate(pairs):
+    images, all_groups, bgs = [], [], []
+    for i, group in enumerate(groups):
         bg = list(BACKGROUNDS)[i % len(BACKGROUNDS)]
-        prompt = caption([Obj(concept=a), Obj(concept=b)], bg)
-        halves = [(NAMED["left"], caption([Obj(concept=a)], bg)), (NAMED["right"], caption([Obj(concept=b)], bg))]
+        prompt = caption([Obj(concept=c) for c in group], bg)
+        cells = [(box, caption([Obj(concept=c)], bg)) for box, c in zip(boxes, group)]
         images.append(sample(model, [prompt] * per, [seed + 100 * i + j for j in range(per)],
-                             regions=halves if regions else None, region_base=ctx.settings.region_base))
-        all_pairs += [(a, b)] * per
+                             regions=cells if regions else None, region_base=ctx.settings.region_base))
+        all_groups += [group] * per
         bgs += [bg] * per
-    reads = ctx.judge.read_pair(np.concatenate(images))
-    both = [left["identity"] == a.name and right["identity"] == b.name for (left, right), (a, b) in zip(reads, all_pairs)]
-    return pair_accuracy(reads, all_pairs, bgs) | {
-        "samples": len(all_pairs), "both_per_pair": [float(np.mean(both[i * per:(i + 1) * per])) for i in range(len(pairs))]}
+    images = np.concatenate(images)
+    if count == 2:
+        reads = ctx.judge.read_pair(images)
+    else:
+        flat = ctx.judge.read(np.stack([c for image in images for c in cut_cells(image, boxes)]))
+        reads = [flat[count * i:count * (i + 1)] for i in range(len(images))]
+    right = [[r["identity"] == c.name for r, c in zip(read, group)] for read, group in zip(reads, all_groups)]
+    every = [all(r) for r in right]
+    if count == 2:
+        out = pair_accuracy(reads, all_groups, bgs)
+    else:
+        out = {"all_right": float(np.mean(every)), "objects": float(np.mean([np.mean(r) for r in right]))}
+    return out | {"samples": len(all_groups),
+                  "both_per_pair": [float(np.mean(every[i * per:(i + 1) * per])) for i in range(len(groups))]}
+
+
+def independent_groups(final: list[dict], count: int = 2) -> list[float]:
+    """Per group concepts_together draws: all right if each object were drawn at its concept's
+    single-concept identity, independently (the product of the identities)."""
+    n = len(final)
+    if n < count:
+        return []
+    return [float(np.prod([final[(i + k) % n]["identity"] for k in range(count)])) for i in range(n)]
 
 
 def independent_pairs(final: list[dict]) -> list[float]:
     """Per pair two_concepts draws: both right if each half were drawn at its concept's
     single-concept identity, independently (identity(a) x identity(b))."""
-    n = len(final)
-    return [final[i]["identity"] * final[(i + 1) % n]["identity"] for i in range(n)] if n > 1 else []
+    return independent_groups(final, 2) if len(final) > 1 else []
+
+
+def draws_three(model_dir: str | Path) -> bool:
+    """Whether a world model was pretrained with three-object scenes (its pretrain.json), so that
+    three concepts in one image can be read on it (docs/world/regions-three-2026-12-08)."""
+    record = Path(model_dir) / "pretrain.json"
+    if not record.is_file():
+        return False
+    return float(json.loads(record.read_text()).get("config", {}).get("three_object_rate", 0.0)) > 0
 
 
 def forget_middle(cumulative: CumulativeModel, config: Config, ctx: Context, indices: list[int]) -> dict:
@@ -564,6 +604,10 @@ def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray,
     record["pairs"] = two_concepts(cumulative.model, ctx, indices)
     record["pairs_regions"] = two_concepts(cumulative.model, ctx, indices, regions=True)
     record["pairs_independent"] = independent_pairs(record["final"])
+    if draws_three(ctx.settings.model_dir) and len(indices) >= 3:
+        record["triples"] = concepts_together(cumulative.model, ctx, indices, 3, seed=70_000)
+        record["triples_regions"] = concepts_together(cumulative.model, ctx, indices, 3, seed=70_000, regions=True)
+        record["triples_independent"] = independent_groups(record["final"], 3)
     save_images(gray_samples(cumulative.model, ctx, indices), samples_file)
     changed = {layer.name: (layer.linear.weight.detach().cpu() != cumulative.pretrained[layer.name]).any(1)
                for layer in cumulative.layers}

@@ -113,18 +113,23 @@ def summarize(runs: dict, methods: list[str], base: dict) -> dict:
         if all("pairs_regions" in r for r in records):
             row |= {"two_concepts_regions_both": interval(_pair_cells(records, "regions")),
                     "two_concepts_independent": interval(_pair_cells(records, "independent"))}
+        if records and all("triples_regions" in r for r in records):  # models pretrained with three-object scenes
+            row |= {"three_concepts_all": interval(_pair_cells(records, "plain", "triples")),
+                    "three_concepts_regions_all": interval(_pair_cells(records, "regions", "triples")),
+                    "three_concepts_independent": interval(_pair_cells(records, "independent", "triples"))}
         if all("forget" in r for r in records):
             row["forget"] = forget_summary(records, base)
         out[method] = row
     return out
 
 
-def _pair_cells(records: list[dict], which: str) -> np.ndarray:
-    """(pair, seed) cells of two-concept prompts: both right ``plain`` or with ``regions``, or the
-    ``independent`` product of the two single-concept identities."""
+def _pair_cells(records: list[dict], which: str, group: str = "pairs") -> np.ndarray:
+    """(pair, seed) cells of two-concept prompts (``group`` "triples": three-concept ones): all
+    right ``plain`` or with ``regions``, or the ``independent`` product of the single-concept
+    identities."""
     if which == "independent":
-        return np.concatenate([np.asarray(r["pairs_independent"], dtype=float) for r in records])
-    key = "pairs_regions" if which == "regions" else "pairs"
+        return np.concatenate([np.asarray(r[f"{group}_independent"], dtype=float) for r in records])
+    key = f"{group}_regions" if which == "regions" else group
     return np.concatenate([np.asarray(r[key].get("both_per_pair", []), dtype=float) for r in records])
 
 
@@ -181,6 +186,10 @@ def comparisons(runs: dict, summary: dict, base: dict) -> dict:
             regions = _pair_cells(records, "regions")
             out[f"{method}_regions_over_independent"] = ratio(regions, _pair_cells(records, "independent"))
             out[f"{method}_regions_over_plain"] = ratio(regions, _pair_cells(records, "plain"))
+        if records and all("triples_regions" in r for r in records):
+            regions = _pair_cells(records, "regions", "triples")
+            out[f"{method}_three_regions_over_independent"] = ratio(regions, _pair_cells(records, "independent", "triples"))
+            out[f"{method}_three_regions_over_plain"] = ratio(regions, _pair_cells(records, "plain", "triples"))
     for control in ("cns_random", "cns_bottom", "cns_gradient", "cns_no_general", "cns_no_reg", "token_only"):
         if {"cns", control} <= have:
             for metric in ("bitmap", "identity"):
@@ -242,6 +251,14 @@ def markdown(record: dict) -> str:
                   "| method | plain | regions | independent |", "|---|---|---|---|"]
         lines += [f"| {m} | {fmt(row['two_concepts_both'])} | {fmt(row['two_concepts_regions_both'])} | "
                   f"{fmt(row['two_concepts_independent'])} |" for m, row in pairs.items()]
+    triples = {m: row for m, row in summary.items() if "three_concepts_regions_all" in row}
+    if triples:
+        lines += ["", "Three learned concepts in one prompt (top left, top right, bottom centre), all three read "
+                  "right: without and with region control, and the rate if each were drawn at its concept's "
+                  "single-concept identity independently:", "",
+                  "| method | plain | regions | independent |", "|---|---|---|---|"]
+        lines += [f"| {m} | {fmt(row['three_concepts_all'])} | {fmt(row['three_concepts_regions_all'])} | "
+                  f"{fmt(row['three_concepts_independent'])} |" for m, row in triples.items()]
     for method, row in summary.items():
         if "forget" in row:
             f = row["forget"]
