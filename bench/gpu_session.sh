@@ -14,7 +14,7 @@
 #      wide CNS needed half a layer's rows (docs/world/cns-probe-2026-11-27); a wider world tests it
 #      at SD-like budgets. The checkpoint (77 MB at 128: weights, EMA, Adam's moments) cannot come
 #      back (16 MiB a file, 64 MiB in all) nor travel (64 MiB with the tree), so the CPU's own run
-#      (data/world/pretrain-128, committed) is not resumed here: move that folder out of the working
+#      (data/world/pretrain-128, committed at the end of each session that trains it) is not resumed here: move that folder out of the working
 #      tree before the device call, or the tree does not fit what a call carries. Result:
 #      the exported model (EMA weights; mid-run if not finished) as model-WIDE.tar.part-* of 15 MB:
 #      `cat model-WIDE.tar.part-* | tar -xf -` at the repository root gives data/world/model-WIDE.

@@ -733,6 +733,8 @@ def run_key(ctx: Context, method: Method | None = None, seed: int = 0, hyper: Hy
                            if k != "log_every" and ADDED_OFF.get(f"train.{k}", object()) != v}}
         if method.combine != "alone" and settings.region_base:  # the two-concept readings with regions
             what["region_base"] = settings.region_base
+        if method.combine != "alone" and draws_three(settings.model_dir):  # a record with three-concept readings
+            what["triples"] = 1
         if method.learner == "cns":  # only CNS scores, selects and reads general neurons
             what |= {"scoring": asdict(config.scoring), "selection": asdict(config.selection),
                      "calibration": calibration}

@@ -250,9 +250,9 @@ SPIKE_LOOKBACK = 5
 def loss_spike(curve: list[float]) -> float | None:
     """The loss before a spike, when the curve's last 100-step mean is over ``SPIKE_FACTOR`` times
     the median of the ``SPIKE_LOOKBACK`` before it (else None). The 128-wide run of 2026-12-07
-    (AdamW 1e-3) jumped from 0.068 to 0.092 at step 3,900 and stayed 7-8% above the 64-wide run from
-    then on, unnoticed for 10,000 steps; the warning and the record in ``state.json`` make such
-    a run visible while it trains."""
+    (AdamW 1e-3) jumped from 0.068 to 0.092 over steps 3,900-4,000 and stayed 7-8% above the
+    64-wide run from then on, unnoticed for 10,000 steps; the warning and the record in
+    ``state.json`` make such a run visible while it trains."""
     if len(curve) <= SPIKE_LOOKBACK:
         return None
     reference = float(np.median(curve[-SPIKE_LOOKBACK - 1:-1]))

@@ -1,6 +1,6 @@
 """What the world holds and how it is drawn.
 
-A scene is one or two objects on a plain background, 32x32 RGB. An object is
+A scene is one, two or three objects on a plain background, 32x32 RGB. An object is
 - a base shape (circle, square, triangle, diamond, cross) in one of six colours,
 - a *glyph* of the family: an 8x8 bitmap in one or two colours, drawn from a grammar of strokes
   (rings, discs, frames, bars, stripes, checks, diagonals, triangles, crescents, dots), or
@@ -12,7 +12,8 @@ concept is then a new instance of a kind the model knows ("a glyph"), as a user'
 dog for Stable Diffusion: personalization edits a prior instead of teaching pixels from nothing.
 
 Captions read "a red circle on a gray background", "a red and yellow glyph on a gray
-background" and "a red circle and a blue glyph on a gray background" (first object on the left).
+background" and "a red circle and a blue glyph on a gray background" (first object on the left;
+three objects: top left, top right, bottom centre, in caption order).
 Size and position vary and are not captioned, so a prompt leaves them to the model, as a real
 prompt leaves the pose.
 
