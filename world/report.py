@@ -243,22 +243,20 @@ def markdown(record: dict) -> str:
             fmt(row["zero_shot_drift"]) if "zero_shot_drift" in row else "",
             fmt(row["zero_shot_pixel_change"]) if "zero_shot_pixel_change" in row else "",
             f"{row['rows_per_concept']:.1f}"]) + " |")
-    pairs = {m: row for m, row in summary.items() if "two_concepts_regions_both" in row}
-    if pairs:
-        lines += ["", "Two learned concepts in one prompt (left and right), both read right: without and with region "
-                  "control (each concept's caption read only in its half), and the rate if each half were drawn "
-                  "at its concept's single-concept identity independently:", "",
-                  "| method | plain | regions | independent |", "|---|---|---|---|"]
-        lines += [f"| {m} | {fmt(row['two_concepts_both'])} | {fmt(row['two_concepts_regions_both'])} | "
-                  f"{fmt(row['two_concepts_independent'])} |" for m, row in pairs.items()]
-    triples = {m: row for m, row in summary.items() if "three_concepts_regions_all" in row}
-    if triples:
-        lines += ["", "Three learned concepts in one prompt (top left, top right, bottom centre), all three read "
-                  "right: without and with region control, and the rate if each were drawn at its concept's "
-                  "single-concept identity independently:", "",
-                  "| method | plain | regions | independent |", "|---|---|---|---|"]
-        lines += [f"| {m} | {fmt(row['three_concepts_all'])} | {fmt(row['three_concepts_regions_all'])} | "
-                  f"{fmt(row['three_concepts_independent'])} |" for m, row in triples.items()]
+    together = (  # (row keys: plain, regions, independent; the table's lead-in)
+        (("two_concepts_both", "two_concepts_regions_both", "two_concepts_independent"),
+         "Two learned concepts in one prompt (left and right), both read right: without and with region control "
+         "(each concept's caption read only in its half), and the rate if each half were drawn at its concept's "
+         "single-concept identity independently:"),
+        (("three_concepts_all", "three_concepts_regions_all", "three_concepts_independent"),
+         "Three learned concepts in one prompt (top left, top right, bottom centre), all three read right: without "
+         "and with region control, and the rate if each were drawn at its concept's single-concept identity "
+         "independently:"))
+    for keys, lead in together:
+        rows = {m: row for m, row in summary.items() if keys[1] in row}
+        if rows:
+            lines += ["", lead, "", "| method | plain | regions | independent |", "|---|---|---|---|"]
+            lines += [f"| {m} | " + " | ".join(fmt(row[k]) for k in keys) + " |" for m, row in rows.items()]
     for method, row in summary.items():
         if "forget" in row:
             f = row["forget"]
