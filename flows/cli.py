@@ -126,6 +126,9 @@ def _add_world_commands(sub: argparse._SubParsersAction) -> None:
                         "model (-> gate.json); tune: each method family's learning rates on the validation "
                         "concepts (-> tuned.json, with the gate); budget: scored vs random/bottom/gradient rows "
                         "at 6/15/25%% budgets (-> budget.md)")
+    p.add_argument("--cell", action="append", default=None, metavar="LR,TOKEN_LR,STEPS",
+                   help="gate/tune: only this cell of the grid (repeatable), e.g. 3e-3,5e-2,1600: a new world "
+                        "model's gate on a CPU in minutes; cells are cached for the full sweep")
     p.add_argument("--concepts-count", type=int, default=None)
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2)")

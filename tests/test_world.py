@@ -306,6 +306,25 @@ def test_the_gate_sweep_checks_only_the_all_kv_ceiling_and_names_the_model(tmp_p
     assert record["model"]["path"].endswith("model")
     assert json.loads((tmp_path / "gate.json").read_text()) == json.loads(json.dumps(record))
     assert not (tmp_path / "tuned.json").exists()  # the benchmark reads tuned.json: a gate run never writes it
+    # --cell: one cell of the grid (a CPU's quick gate), read from the same cache; not passed there is
+    # not failed
+    one = tune(BenchSettings.smoke(), tmp_path / "one", tmp_path / "cache", gate_only=True, only=[(3e-3, 5e-2, 8)])
+    assert [(r["learning_rate"], r["token_learning_rate"], r["steps"]) for r in one["results"]] == [(3e-3, 5e-2, 8)]
+    assert one["only_cells"] == [[3e-3, 5e-2, 8]]
+    assert one["gate"]["passed"] is (True if one["gate"]["kv_identity"] >= GATE else None)
+
+
+@pytest.mark.parametrize("cell", ["3e-3,5e-2", "3e-3,5e-2,1600", "1e-4,5e-2,8"])
+def test_a_bad_cell_is_one_error_naming_it_and_writes_nothing(tmp_path, cell):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "bench", "world", "--smoke", "--sweep", "gate",
+                             "--out", str(out), "--cache", str(tmp_path / "cache"), f"--cell={cell}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    written = cell if cell.count(",") < 2 else ",".join(f"{float(x):g}" for x in cell.split(","))  # as parsed
+    assert len(lines) == 1 and "--cell" in lines[0] and written in lines[0], result.stderr
+    assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("shard", ["2/2", "-1/3", "1", "a/b"])

@@ -102,6 +102,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else None
     shard = _shard(args.shard) if args.shard else None
+    from cns.errors import CNSError
+
+    if args.cell and args.sweep not in ("gate", "tune"):
+        raise CNSError("--cell", "only --sweep gate or --sweep tune runs single cells", "bad_argument")
+    only = None
+    if args.cell:
+        from world.sweeps import parse_cell
+
+        only = [parse_cell(text) for text in args.cell]
     if args.sweep:
         from world.sweeps import budget_curve, tune
 
@@ -109,7 +118,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.sweep == "budget":
             budget_curve(settings, out, cache, device=_device(args.device), shard=shard)
         else:
-            tune(settings, out, cache, device=_device(args.device), gate_only=args.sweep == "gate", shard=shard)
+            tune(settings, out, cache, device=_device(args.device), gate_only=args.sweep == "gate", shard=shard,
+                 only=only)
     else:
         run_benchmark(settings, out, cache=cache, device=_device(args.device), shard=shard)
     print(f"shard {args.shard}: its runs are in the cache; run again without --shard for the report" if shard
