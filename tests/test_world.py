@@ -375,7 +375,7 @@ def test_progress_saved_by_another_run_is_not_resumed(tmp_path):
     hyper = Hyper(1e-2, 5e-3, 8)
 
     def run_ctx(names=("ringdot", "checker", "arrow"), digest="model-a", **settings):
-        return SimpleNamespace(concepts=[SimpleNamespace(name=n) for n in names], model_digest=digest,
+        return SimpleNamespace(concepts=[SimpleNamespace(name=n) for n in names], model_digest=digest, draws_three=False,
                                settings=BenchSettings(**settings), work=tmp_path / "work")
 
     saved = tmp_path / "k1"
@@ -418,7 +418,7 @@ def test_a_cached_run_is_reused_only_under_the_settings_it_was_computed_with(tmp
 
     def key(method="cns", seed=0, hyper=None, digest="m", device="cpu", **settings):
         hyper = hyper or Hyper(1e-2, 5e-3, 8)
-        ctx = SimpleNamespace(concepts=[SimpleNamespace(name="bowtie")], model_digest=digest, device=device,
+        ctx = SimpleNamespace(concepts=[SimpleNamespace(name="bowtie")], model_digest=digest, draws_three=False, device=device,
                               settings=BenchSettings(**settings), work=tmp_path / "work")
         return run_key(ctx, METHODS[method], seed, hyper)
 

@@ -274,6 +274,7 @@ class Context:
     work: Path
     device: str = "cpu"
     model_digest: str = ""  # of the model's weight files: a cached run of another model is not reused
+    draws_three: bool = False  # pretrained with three-object scenes: combined runs read three concepts too
 
 
 def concept_readings(model, ctx: Context, indices: list[int]) -> list[dict]:
@@ -365,27 +366,20 @@ def concepts_together(model, ctx: Context, indices: list[int], count: int, seed:
         reads = [flat[count * i:count * (i + 1)] for i in range(len(images))]
     right = [[r["identity"] == c.name for r, c in zip(read, group)] for read, group in zip(reads, all_groups)]
     every = [all(r) for r in right]
-    if count == 2:
-        out = pair_accuracy(reads, all_groups, bgs)
-    else:
-        out = {"all_right": float(np.mean(every)), "objects": float(np.mean([np.mean(r) for r in right]))}
+    out = pair_accuracy(reads, all_groups, bgs) if count == 2 else {
+        "all_right": float(np.mean(every)), "objects": float(np.mean([np.mean(r) for r in right]))}
     return out | {"samples": len(all_groups),
                   "both_per_pair": [float(np.mean(every[i * per:(i + 1) * per])) for i in range(len(groups))]}
 
 
 def independent_groups(final: list[dict], count: int = 2) -> list[float]:
     """Per group concepts_together draws: all right if each object were drawn at its concept's
-    single-concept identity, independently (the product of the identities)."""
+    single-concept identity, independently (the product of the identities; for pairs
+    identity(a) x identity(b))."""
     n = len(final)
     if n < count:
         return []
     return [float(np.prod([final[(i + k) % n]["identity"] for k in range(count)])) for i in range(n)]
-
-
-def independent_pairs(final: list[dict]) -> list[float]:
-    """Per pair two_concepts draws: both right if each half were drawn at its concept's
-    single-concept identity, independently (identity(a) x identity(b))."""
-    return independent_groups(final, 2) if len(final) > 1 else []
 
 
 def draws_three(model_dir: str | Path) -> bool:
@@ -603,8 +597,8 @@ def run_method(method: Method, seed: int, ctx: Context, base_images: np.ndarray,
                                              / 255)
     record["pairs"] = two_concepts(cumulative.model, ctx, indices)
     record["pairs_regions"] = two_concepts(cumulative.model, ctx, indices, regions=True)
-    record["pairs_independent"] = independent_pairs(record["final"])
-    if draws_three(ctx.settings.model_dir) and len(indices) >= 3:
+    record["pairs_independent"] = independent_groups(record["final"], 2)
+    if ctx.draws_three and len(indices) >= 3:
         record["triples"] = concepts_together(cumulative.model, ctx, indices, 3, seed=70_000)
         record["triples_regions"] = concepts_together(cumulative.model, ctx, indices, 3, seed=70_000, regions=True)
         record["triples_independent"] = independent_groups(record["final"], 3)
@@ -692,7 +686,8 @@ def context(settings: BenchSettings, concepts: list[WorldConcept], work: Path, d
     judge = load_judge()
     references, _ = reference_embeddings(judge, concepts, dirs)
     return Context(judge=judge, concepts=concepts, dirs=dirs, references=references, settings=settings, work=work,
-                   device=device, model_digest=model_digest(Path(settings.model_dir)))
+                   device=device, model_digest=model_digest(Path(settings.model_dir)),
+                   draws_three=draws_three(settings.model_dir))
 
 
 def model_digest(folder: Path) -> str:
@@ -733,7 +728,7 @@ def run_key(ctx: Context, method: Method | None = None, seed: int = 0, hyper: Hy
                            if k != "log_every" and ADDED_OFF.get(f"train.{k}", object()) != v}}
         if method.combine != "alone" and settings.region_base:  # the two-concept readings with regions
             what["region_base"] = settings.region_base
-        if method.combine != "alone" and draws_three(settings.model_dir):  # a record with three-concept readings
+        if method.combine != "alone" and ctx.draws_three:  # a record with three-concept readings
             what["triples"] = 1
         if method.learner == "cns":  # only CNS scores, selects and reads general neurons
             what |= {"scoring": asdict(config.scoring), "selection": asdict(config.selection),
